@@ -1,0 +1,36 @@
+"""comfytrio: run ComfyUI workflows across many ComfyUI servers at once, with trio.
+
+The public names are re-exported here; every module whose name starts with ``_`` is private.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._errors import ComfyAPIError as ComfyAPIError
+from ._errors import ComfyUIStartupError as ComfyUIStartupError
+from ._errors import ComfyUITimeoutError as ComfyUITimeoutError
+from ._errors import DownloadError as DownloadError
+from ._errors import ExecutionError as ExecutionError
+from ._errors import ExecutionInterruptedError as ExecutionInterruptedError
+from ._errors import GPUDetectionError as GPUDetectionError
+from ._errors import ModelNotFoundError as ModelNotFoundError
+from ._errors import NodeTitleNotFoundError as NodeTitleNotFoundError
+from ._errors import ParamError as ParamError
+from ._errors import PluginError as PluginError
+from ._errors import PortInUseError as PortInUseError
+from ._errors import PromptVanishedError as PromptVanishedError
+from ._errors import ServerLostError as ServerLostError
+from ._errors import UnknownParamTypeError as UnknownParamTypeError
+from ._errors import UnsafeNameError as UnsafeNameError
+from ._errors import WorkflowError as WorkflowError
+from ._scheduler import distribute as distribute
+from ._types import ComfyUIInstance as ComfyUIInstance
+from ._types import GPUInfo as GPUInfo
+from ._types import LoRARef as LoRARef
+from ._types import ModelRef as ModelRef
+from ._types import OutputFile as OutputFile
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,337 @@
+"""``ComfyAPI``: supervise one ComfyUI per GPU and run workflows split across all of them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import trio
+
+from ._client import PromptResult
+from ._errors import ComfyAPIError, UnsafeNameError
+from ._gpu import detect_gpus
+from ._instance import Instance
+from ._plan import JobPlan, ShardPlan, plan_job
+from ._plugins import Plugins, make_plugin_manager
+from ._process import InstanceDirs, LaunchSpec
+from ._types import (
+    ComfyUIInstance,
+    GPUInfo,
+    JobResult,
+    LoRARef,
+    ModelRef,
+    OutputFile,
+    RemoteComfyUI,
+    ShardFailure,
+    ShardReport,
+)
+
+__all__ = ["ComfyAPI"]
+
+logger = logging.getLogger("comfytrio")
+
+JOB_MARKER_INPUT = "comfytrio_job"
+"""An extra input we add to every output node: ComfyUI ignores unknown inputs but counts them
+in its cache key, so an output node never replays another job's files."""
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first ComfyAPIError inside a (nested) exception group, else the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, ComfyAPIError):
+            return leaf
+    return group
+
+
+class ComfyAPI:
+    """Run workflows on several ComfyUI servers at once; use as ``async with``.
+
+    ``instances`` are local installs (``ComfyUIInstance``; started by us unless
+    ``auto_start=False``) and remote servers (``RemoteComfyUI`` or a URL string). With CUDA,
+    the i-th local instance runs pinned to GPU i (``CUDA_VISIBLE_DEVICES=i``); without it,
+    local instances run with ``--cpu``. Leaving the block stops every process we started
+    (SIGTERM, then SIGKILL after ``grace`` seconds), whatever exception is in flight.
+    """
+
+    def __init__(
+        self,
+        instances: Sequence[ComfyUIInstance | RemoteComfyUI | str],
+        models_path: str | Path,
+        *,
+        gpu: GPUInfo | None = None,
+        auto_start: bool = True,
+        ready_timeout: float = 120.0,
+        execution_timeout: float = 600.0,
+        state_dir: str | Path | None = None,
+        download_dir: str | Path | None = None,
+        plugins: Plugins | None = None,
+        grace: float = 10.0,
+    ) -> None:
+        self.models_path = Path(models_path).resolve()
+        self.gpu = gpu if gpu is not None else detect_gpus()
+        self.auto_start = auto_start
+        self.ready_timeout = ready_timeout
+        self.execution_timeout = execution_timeout
+        self.download_dir = Path(download_dir or Path.cwd() / "comfytrio-outputs").resolve()
+        self._state_dir = Path(state_dir).resolve() if state_dir is not None else None
+        self._plugins = plugins
+        self._grace = grace
+        self.instances: list[Instance] = self._build_instances(instances)
+        self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_instances(
+        self, given: Sequence[ComfyUIInstance | RemoteComfyUI | str]
+    ) -> list[Instance]:
+        local = [i for i in given if isinstance(i, ComfyUIInstance)]
+        remote = [RemoteComfyUI(i) if isinstance(i, str) else i
+                  for i in given if not isinstance(i, ComfyUIInstance)]
+        if self.gpu.cuda_available:
+            active = local[: self.gpu.device_count]
+            if len(local) < self.gpu.device_count:
+                unused = list(range(len(local), self.gpu.device_count))
+                logger.warning("%d GPU(s) found but only %d local instance(s) given: "
+                               "GPU(s) %s stay unused", self.gpu.device_count, len(local),
+                               unused)
+            if len(local) > self.gpu.device_count:
+                logger.warning("%d local instance(s) given but only %d GPU(s): ports %s "
+                               "are not used", len(local), self.gpu.device_count,
+                               [i.port for i in local[self.gpu.device_count:]])
+        else:
+            count = self.gpu.device_count or len(local)
+            active = local[:count]
+            if local:
+                logger.info("no CUDA: %d local instance(s) run with --cpu", len(active))
+        built: list[Instance] = []
+        for index, spec in enumerate(active):
+            name = f"127.0.0.1:{spec.port}"
+            if self.auto_start:
+                root = (self._state_dir or Path(spec.path).resolve() / "comfytrio") / str(spec.port)
+                launch = LaunchSpec(
+                    name=name, comfyui_path=Path(spec.path).resolve(), port=spec.port,
+                    dirs=InstanceDirs(root), python=spec.python or LaunchSpec.python,
+                    cpu=not self.gpu.cuda_available,
+                    cuda_device=index if self.gpu.cuda_available else None,
+                    models_path=self.models_path, extra_args=spec.extra_args,
+                    ready_timeout=self.ready_timeout, grace=self._grace,
+                )
+                built.append(Instance(index, name, spec.base_url, launch=launch,
+                                      ready_timeout=self.ready_timeout))
+            else:
+                built.append(Instance(index, name, spec.base_url,
+                                      comfyui_path=Path(spec.path).resolve(),
+                                      ready_timeout=self.ready_timeout))
+        for server in remote:
+            url = server.url.rstrip("/")
+            name = server.name or re.sub(r"^https?://", "", url)
+            built.append(Instance(len(built), name, url, ready_timeout=self.ready_timeout))
+        if not built:
+            raise ValueError("ComfyAPI needs at least one instance to run on")
+        return built
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[ComfyAPI]:
+        if self._plugins is None:
+            self._plugins = make_plugin_manager()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0),
+                                     follow_redirects=True) as http:
+            self._http = http
+            async with trio.open_nursery() as nursery:
+                try:
+                    async with trio.open_nursery() as starters:
+                        for instance in self.instances:
+                            starters.start_soon(nursery.start, instance.serve)
+                except BaseExceptionGroup as group:
+                    nursery.cancel_scope.cancel()
+                    first = _first_error(group)
+                    if first is group:
+                        raise
+                    raise first from None
+                logger.info("%d ComfyUI instance(s) ready", len(self.instances))
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+            self._http = None
+
+    async def __aenter__(self) -> ComfyAPI:
+        """Start (or attach to) every instance in parallel; ready when all answer."""
+        self._cm = self._open()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop every process we started (SIGTERM, grace, SIGKILL) and close connections."""
+        assert self._cm is not None
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    # ------------------------------------------------------------------ jobs
+
+    async def execute_workflow(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        models: Sequence[ModelRef] = (),
+        loras: Sequence[LoRARef] = (),
+        params: Mapping[str, Mapping[str, Any]] | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Run ``workflow`` split across the instances; return the absolute paths of every
+        output file (the seed library's call).
+
+        Some shards failing: their errors are logged, the others' files are returned. Every
+        shard failing: the first error is raised, with the others in ``other_errors``.
+        Raises ``ParamError``, ``ModelNotFoundError``, ``DownloadError`` before anything runs.
+        """
+        result = await self.run_workflow(
+            workflow, models=models, loras=loras, params=params, seed=seed
+        )
+        return result.paths
+
+    async def run_workflow(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        models: Sequence[ModelRef] = (),
+        loras: Sequence[LoRARef] = (),
+        params: Mapping[str, Mapping[str, Any]] | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> JobResult:
+        """Like ``execute_workflow`` but return a ``JobResult``: every output (path, instance,
+        node id, file name, sub-folder, type), every failed shard, seeds and timings.
+
+        ``timeout`` bounds each shard's execution (default: the api's
+        ``execution_timeout``); a shard past it fails with ``ComfyUITimeoutError`` and its
+        prompt is interrupted. If the caller is cancelled, the job's prompts are deleted or
+        interrupted on every server before the cancellation goes on.
+        """
+        if self._http is None or self._plugins is None:
+            raise RuntimeError("use ComfyAPI inside `async with`")
+        started_at = trio.current_time()
+        job_id = uuid.uuid4().hex[:12]
+        ready = [i for i in self.instances if i.state == "ready"]
+        if not ready:
+            raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+        plan: JobPlan = await plan_job(
+            self._plugins, workflow, params=params or {}, models=models, loras=loras,
+            targets=ready, shard_count=len(ready),
+            models_path=self.models_path if any(i.owned or i.is_local for i in ready) else None,
+            http=self._http, seed=seed,
+        )
+        logger.info("job %s: %d shard(s) on %d instance(s)", job_id, len(plan.shards),
+                    len(ready))
+        outputs: dict[int, list[OutputFile]] = {}
+        failures: list[ShardFailure] = []
+        reports: list[ShardReport] = []
+        deadline = self.execution_timeout if timeout is None else timeout
+
+        async def run_shard(shard: ShardPlan, instance: Instance) -> None:
+            prompt_id = str(uuid.uuid4())
+            submitted = trio.current_time()
+            ok = False
+            try:
+                prompt = await self._mark_outputs(shard.workflow, instance, job_id)
+                assert instance.client is not None
+                result = await instance.client.run(prompt, prompt_id=prompt_id,
+                                                   timeout=deadline)
+                outputs[shard.index] = await self._collect(result, instance, job_id)
+                ok = True
+            except ComfyAPIError as exc:
+                logger.error("job %s: shard %d failed on %s: %s", job_id, shard.index,
+                             instance.name, exc)
+                failures.append(ShardFailure(shard.index, instance.name, prompt_id, exc))
+            finally:
+                reports.append(ShardReport(
+                    shard.index, instance.name, prompt_id, dict(shard.scaled),
+                    dict(shard.seeds), submitted, trio.current_time(), ok,
+                ))
+
+        async with trio.open_nursery() as nursery:
+            for shard in plan.shards:
+                nursery.start_soon(run_shard, shard, ready[shard.index % len(ready)])
+
+        failures.sort(key=lambda f: f.index)
+        result = JobResult(
+            job_id=job_id,
+            outputs=tuple(o for index in sorted(outputs) for o in outputs[index]),
+            failures=tuple(failures),
+            shards=tuple(sorted(reports, key=lambda r: r.index)),
+            seed=plan.seed,
+            started_at=started_at,
+            finished_at=trio.current_time(),
+        )
+        if failures and len(failures) == len(plan.shards):
+            first = failures[0].error
+            if isinstance(first, ComfyAPIError):
+                first.other_errors = [f.error for f in failures[1:]]
+            raise first
+        if failures:
+            logger.warning("job %s: %d/%d shard(s) failed; returning %d file(s)", job_id,
+                           len(failures), len(plan.shards), len(result.outputs))
+        logger.info("job %s: done, %d file(s) in %.2f s", job_id, len(result.outputs),
+                    result.finished_at - started_at)
+        return result
+
+    async def _mark_outputs(
+        self, workflow: Mapping[str, Any], instance: Instance, job_id: str
+    ) -> dict[str, Any]:
+        output_classes = await instance.output_node_classes()
+        marked: dict[str, Any] = {}
+        for node_id, node in workflow.items():
+            if isinstance(node, Mapping) and node.get("class_type") in output_classes:
+                node = dict(node)
+                node["inputs"] = {**node.get("inputs", {}), JOB_MARKER_INPUT: job_id}
+            marked[node_id] = node
+        return marked
+
+    async def _collect(
+        self, result: PromptResult, instance: Instance, job_id: str
+    ) -> list[OutputFile]:
+        files: list[OutputFile] = []
+        for ref in result.files:
+            local = instance.local_path(ref)
+            if local is None:
+                assert instance.client is not None
+                safe_instance = re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
+                folder = self.download_dir / job_id / safe_instance
+                dest = (folder / ref.subfolder / ref.filename).resolve()
+                if not dest.is_relative_to(folder):
+                    raise UnsafeNameError(f"{ref.subfolder}/{ref.filename}", str(folder))
+                local = await instance.client.download(ref, dest)
+            files.append(OutputFile(
+                path=str(local), instance=instance.name, prompt_id=result.prompt_id,
+                node_id=ref.node_id, filename=ref.filename, subfolder=ref.subfolder,
+                type=ref.type,
+            ))
+        return files
+
+    def statistics(self) -> dict[str, Any]:
+        """Per instance: its state and its client's statistics."""
+        return {
+            i.name: {"state": i.state,
+                     "client": i.client.statistics() if i.client is not None else None}
+            for i in self.instances
+        }
+

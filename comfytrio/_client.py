@@ -1,0 +1,897 @@
+"""The client for one ComfyUI server: one httpx client and one websocket.
+
+Protocol facts this module is built on (recorded from a real ComfyUI 0.3.64, see
+``comfyui-protocol/README.md``):
+
+* We choose every ``prompt_id`` and register it *before* ``POST /prompt``: the server may run a
+  small prompt before the POST even returns, and a cancel that lands mid-submit can still
+  delete it by id.
+* Execution events go only to the websocket whose ``clientId`` is the prompt's ``client_id``,
+  so each client uses one websocket and one client id for every prompt it submits, and
+  reconnects with that same id.
+* A prompt ends with ``executing`` carrying ``node: null`` and its ``prompt_id``; that message
+  comes after ``execution_success``/``execution_error``/``execution_interrupted`` and after the
+  history entry is written. ``execution_success`` alone is not enough: ``/history/{id}`` can
+  still be ``{}`` right after it.
+* A pending prompt that is deleted or cleared (by anyone) vanishes without any event, and
+  ``/history/{id}`` answers ``{}`` both for "still queued or running" and for "never heard of
+  it". So when the socket drops, or a prompt has been silent too long, we ask ``/queue``
+  first and ``/history/{id}`` second: ComfyUI writes the history entry before it removes the
+  prompt from the running list, so a prompt that is in neither has vanished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import httpx
+import trio
+import trio_websocket
+
+from ._errors import (
+    ComfyAPIError,
+    ComfyUITimeoutError,
+    ExecutionError,
+    ExecutionInterruptedError,
+    PromptVanishedError,
+    ServerLostError,
+    WorkflowError,
+)
+from ._events import (
+    ComfyEvent,
+    NodeOutput,
+    NodeProgress,
+    NodesCached,
+    NodeStarted,
+    PromptFinished,
+    PromptStarted,
+    PromptStatus,
+    QueueStatus,
+)
+
+__all__ = [
+    "ClientStatistics",
+    "ComfyClient",
+    "OutputRef",
+    "PromptResult",
+    "SubmittedPrompt",
+    "connect_comfy_client",
+    "open_comfy_client",
+    "wait_server_ready",
+]
+
+logger = logging.getLogger("comfytrio.client")
+
+_MAX_WS_MESSAGE = 64 * 1024 * 1024  # execution_error carries the whole prompt; previews are big
+
+
+@attrs.frozen
+class SubmittedPrompt:
+    """What ``POST /prompt`` answered for an accepted prompt."""
+
+    prompt_id: str
+    """The id we chose for it."""
+    number: float
+    """Its place in the server's queue (negative for ``front=True``)."""
+    node_errors: Mapping[str, Any]
+    """Outputs ComfyUI dropped (only non-empty with ``allow_partial=True``)."""
+
+
+@attrs.frozen
+class OutputRef:
+    """One file a prompt produced, as the server names it."""
+
+    node_id: str
+    """The output node that reported it."""
+    filename: str
+    """File name."""
+    subfolder: str
+    """Sub-folder inside the server's output or temp folder."""
+    type: str
+    """``output``, ``temp`` or ``input``."""
+
+
+@attrs.frozen
+class PromptResult:
+    """A prompt that finished successfully."""
+
+    instance: str
+    """The server that ran it."""
+    prompt_id: str
+    """The prompt."""
+    outputs: Mapping[str, Mapping[str, Any]]
+    """Output node id -> what it produced, as ComfyUI reports it."""
+    cached_nodes: tuple[str, ...] = ()
+    """Nodes ComfyUI did not run because their result was cached."""
+
+    @property
+    def files(self) -> list[OutputRef]:
+        """Every file in ``outputs`` (images, and any other list of files a node reports)."""
+        found: list[OutputRef] = []
+        for node_id, output in self.outputs.items():
+            for items in output.values():
+                if not isinstance(items, list):
+                    continue
+                for item in items:
+                    if isinstance(item, Mapping) and "filename" in item:
+                        found.append(
+                            OutputRef(
+                                node_id=str(node_id),
+                                filename=str(item["filename"]),
+                                subfolder=str(item.get("subfolder", "")),
+                                type=str(item.get("type", "output")),
+                            )
+                        )
+        return found
+
+    @property
+    def fully_cached(self) -> bool:
+        """True when every output node was served from ComfyUI's cache (no new file)."""
+        return bool(self.outputs) and all(node in self.cached_nodes for node in self.outputs)
+
+
+@attrs.frozen
+class ClientStatistics:
+    """A snapshot of one client's state."""
+
+    instance: str
+    """The server."""
+    connected: bool
+    """Whether the websocket is up now."""
+    queue_remaining: int
+    """The server's last reported queue length (all clients)."""
+    in_flight: int
+    """Our prompts submitted and not yet finished."""
+    reconnects: int
+    """How often the websocket was re-established."""
+    events_dropped: int
+    """Events not delivered to a subscriber whose buffer was full."""
+
+
+@attrs.define(eq=False)
+class _Watch:
+    """What we know of one prompt while it is in flight."""
+
+    prompt_id: str
+    accepted: bool = False  # POST /prompt answered 200
+    done: trio.Event = attrs.Factory(trio.Event)
+    outputs: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    cached: tuple[str, ...] = ()
+    error: dict[str, Any] | None = None
+    interrupted: dict[str, Any] | None = None
+    started: bool = False
+    gap: bool = False  # the socket dropped while it was in flight: events may be missing
+    last_activity: float = 0.0
+    outcome: PromptResult | ComfyAPIError | None = None
+
+
+def _ws_url(base_url: str, client_id: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    path = parts.path.rstrip("/") + "/ws"
+    return urlunsplit((scheme, parts.netloc, path, f"clientId={client_id}", ""))
+
+
+def _instance_name(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return parts.netloc + parts.path.rstrip("/")
+
+
+@contextmanager
+def _transport_errors(instance: str, what: str) -> Iterator[None]:
+    """Turn httpx transport failures into ServerLostError naming the server and the call."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise ServerLostError(instance, f"{what} failed: {exc!r}") from exc
+
+
+async def wait_server_ready(
+    url: str,
+    *,
+    timeout: float = 120.0,
+    http: httpx.AsyncClient | None = None,
+    interval: float = 0.1,
+) -> dict[str, Any]:
+    """Poll ``GET /system_stats`` until it answers 200; return its JSON.
+
+    Raises ``ComfyUITimeoutError`` when it did not answer in ``timeout`` seconds.
+    """
+    owned = http is None
+    client = http or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+    last: str = "no answer"
+    try:
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    r = await client.get(url.rstrip("/") + "/system_stats")
+                    if r.status_code == 200:
+                        stats: dict[str, Any] = r.json()
+                        return stats
+                    last = f"HTTP {r.status_code}"
+                except (httpx.TransportError, ValueError) as exc:
+                    last = repr(exc)
+                await trio.sleep(interval)
+                interval = min(interval * 1.5, 1.0)
+    finally:
+        if owned:
+            await client.aclose()
+    raise ComfyUITimeoutError(
+        f"ComfyUI at {url} was not ready after {timeout:g} s (last: {last})",
+        instance=_instance_name(url),
+        timeout=timeout,
+    )
+
+
+@attrs.define(eq=False)
+class ComfyClient:
+    """A connection to one ComfyUI server: HTTP calls plus one websocket for events.
+
+    Make one with ``open_comfy_client()`` (or ``connect_comfy_client()`` to run it in your own
+    nursery). Every prompt is submitted with this client's ``client_id`` so its events come
+    to our socket.
+    """
+
+    url: str
+    """Base URL of the server, e.g. ``http://127.0.0.1:8188``."""
+    name: str
+    """A short name for messages and events (``host:port`` by default)."""
+    client_id: str
+    """The websocket ``clientId`` every prompt of this client carries."""
+    http: httpx.AsyncClient
+    """The one HTTP client for this server."""
+    silence_timeout: float = 30.0
+    """After this many seconds without news of a prompt, ask ``/queue`` and ``/history``."""
+    reconnect_timeout: float = 30.0
+    """How long the websocket may stay down before in-flight prompts fail with
+    ``ServerLostError``."""
+
+    _watches: dict[str, _Watch] = attrs.field(factory=dict, init=False)
+    _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(
+        factory=list, init=False
+    )
+    _connected: bool = attrs.field(default=False, init=False)
+    _connected_event: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _queue_remaining: int = attrs.field(default=0, init=False)
+    _reconnects: int = attrs.field(default=0, init=False)
+    _dropped: int = attrs.field(default=0, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _ws: trio_websocket.WebSocketConnection | None = attrs.field(default=None, init=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the websocket: connect, read, reconnect with backoff, reconcile after a drop."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            first = True
+            down_since: float | None = None
+            backoff = 0.05
+            while True:
+                try:
+                    async with trio_websocket.open_websocket_url(
+                        _ws_url(self.url, self.client_id),
+                        max_message_size=_MAX_WS_MESSAGE,
+                        connect_timeout=10,
+                        disconnect_timeout=1,
+                    ) as ws:
+                        self._ws = ws
+                        self._connected = True
+                        self._connected_event.set()
+                        if first:
+                            first = False
+                            nursery.start_soon(self._watch_silence)
+                            task_status.started()
+                        else:
+                            self._reconnects += 1
+                            logger.warning("%s: websocket reconnected", self.name)
+                            nursery.start_soon(self._reconcile, list(self._watches.values()))
+                        down_since = None
+                        backoff = 0.05
+                        await self._read(ws)
+                except (OSError, trio_websocket.HandshakeError,
+                        trio_websocket.ConnectionClosed) as exc:
+                    if first:
+                        raise ServerLostError(
+                            self.name, f"cannot open the websocket: {exc!r}"
+                        ) from exc
+                    logger.warning("%s: websocket lost (%r)", self.name, exc)
+                self._ws = None
+                if self._connected:
+                    self._connected = False
+                    self._connected_event = trio.Event()
+                    for watch in self._watches.values():
+                        watch.gap = True
+                now = trio.current_time()
+                if down_since is None:
+                    down_since = now
+                elif now - down_since > self.reconnect_timeout:
+                    self._fail_all_in_flight(
+                        f"unreachable for more than {self.reconnect_timeout:g} s"
+                    )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def aclose(self) -> None:
+        """Stop the websocket task and close every subscription and the HTTP client."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        for send in self._subscribers:
+            send.close()
+        self._subscribers.clear()
+        await self.http.aclose()
+
+    async def wait_connected(self) -> None:
+        """Block until the websocket is up."""
+        await self._connected_event.wait()
+
+    def statistics(self) -> ClientStatistics:
+        """A frozen snapshot of this client's state."""
+        return ClientStatistics(
+            instance=self.name,
+            connected=self._connected,
+            queue_remaining=self._queue_remaining,
+            in_flight=sum(1 for w in self._watches.values() if w.accepted),
+            reconnects=self._reconnects,
+            events_dropped=self._dropped,
+        )
+
+    # ------------------------------------------------------------------ events
+
+    @asynccontextmanager
+    async def subscribe(
+        self, *, buffer: int = 1000
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[ComfyEvent]]:
+        """Receive every event of this server while the block runs::
+
+            async with client.subscribe() as events:
+                async for event in events:
+                    ...
+
+        Events for a subscriber whose buffer is full are dropped (and counted in
+        ``statistics().events_dropped``); prompts never wait for a slow subscriber.
+        """
+        send, receive = trio.open_memory_channel[ComfyEvent](buffer)
+        self._subscribers.append(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+
+    def _publish(self, event: ComfyEvent) -> None:
+        for send in self._subscribers:
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                self._dropped += 1
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, bytes):
+                continue  # binary previews; nothing we route
+            try:
+                msg = json.loads(message)
+                kind = msg["type"]
+                data = msg.get("data") or {}
+            except (ValueError, KeyError, TypeError):
+                logger.debug("%s: ignoring malformed message %.200r", self.name, message)
+                continue
+            self._handle(kind, data)
+
+    def _handle(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "status":
+            try:
+                self._queue_remaining = int(data["status"]["exec_info"]["queue_remaining"])
+            except (KeyError, TypeError, ValueError):
+                return
+            if self._subscribers:
+                self._publish(QueueStatus(self.name, self._queue_remaining))
+            return
+        prompt_id = data.get("prompt_id")
+        watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
+        if watch is None or prompt_id is None:
+            return
+        watch.last_activity = trio.current_time()
+        subscribed = bool(self._subscribers)
+        if kind == "executing":
+            node = data.get("node")
+            if node is None:
+                self._finish_from_events(watch)
+            elif subscribed:
+                self._publish(NodeStarted(self.name, prompt_id, str(node)))
+        elif kind == "progress":
+            if subscribed:
+                self._publish(
+                    NodeProgress(
+                        self.name, prompt_id, str(data.get("node")),
+                        int(data.get("value", 0)), int(data.get("max", 0)),
+                    )
+                )
+        elif kind == "executed":
+            node_id = str(data.get("node"))
+            output = data.get("output") or {}
+            watch.outputs[node_id] = output
+            if subscribed:
+                self._publish(NodeOutput(self.name, prompt_id, node_id, output))
+        elif kind == "execution_start":
+            watch.started = True
+            if subscribed:
+                self._publish(PromptStarted(self.name, prompt_id))
+        elif kind == "execution_cached":
+            watch.cached = tuple(str(n) for n in data.get("nodes") or ())
+            if subscribed:
+                self._publish(NodesCached(self.name, prompt_id, watch.cached))
+        elif kind == "execution_error":
+            watch.error = data
+        elif kind == "execution_interrupted":
+            watch.interrupted = data
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _settle(self, watch: _Watch, outcome: PromptResult | ComfyAPIError,
+                status: PromptStatus) -> None:
+        if watch.done.is_set():
+            return
+        watch.outcome = outcome
+        watch.done.set()
+        if self._subscribers:
+            self._publish(PromptFinished(self.name, watch.prompt_id, status))
+
+    def _finish_from_events(self, watch: _Watch) -> None:
+        if watch.gap and watch.error is None and watch.interrupted is None:
+            # The socket dropped while it ran: some `executed` events may be lost.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._reconcile, [watch])
+            return
+        self._settle_from(watch, watch.error, watch.interrupted, watch.outputs, watch.cached)
+
+    def _settle_from(
+        self,
+        watch: _Watch,
+        error: Mapping[str, Any] | None,
+        interrupted: Mapping[str, Any] | None,
+        outputs: Mapping[str, Any],
+        cached: tuple[str, ...],
+    ) -> None:
+        if error is not None:
+            self._settle(watch, ExecutionError(
+                instance=self.name, prompt_id=watch.prompt_id,
+                node_id=_opt_str(error.get("node_id")), node_type=_opt_str(error.get("node_type")),
+                exception_type=str(error.get("exception_type", "")),
+                exception_message=str(error.get("exception_message", "")),
+                traceback=[str(t) for t in error.get("traceback") or ()],
+            ), "error")
+        elif interrupted is not None:
+            self._settle(watch, ExecutionInterruptedError(
+                instance=self.name, prompt_id=watch.prompt_id,
+                node_id=_opt_str(interrupted.get("node_id")),
+                node_type=_opt_str(interrupted.get("node_type")),
+                exception_type="interrupted",
+            ), "interrupted")
+        else:
+            result = PromptResult(self.name, watch.prompt_id, dict(outputs), cached)
+            self._settle(watch, result, "success")
+
+    def _settle_from_history(self, watch: _Watch, entry: Mapping[str, Any]) -> None:
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        error = interrupted = None
+        cached: tuple[str, ...] = ()
+        for item in messages:
+            if not (isinstance(item, list | tuple) and len(item) == 2):
+                continue
+            name, data = item
+            if name == "execution_error":
+                error = data
+            elif name == "execution_interrupted":
+                interrupted = data
+            elif name == "execution_cached":
+                cached = tuple(str(n) for n in data.get("nodes") or ())
+        if error is None and interrupted is None and status.get("status_str") == "error":
+            error = {"exception_message": "ComfyUI reported an error without details"}
+        self._settle_from(watch, error, interrupted, entry.get("outputs") or {}, cached)
+
+    def mark_lost(self, why: str) -> None:
+        """Fail every prompt in flight with ``ServerLostError`` (e.g. our process exited)."""
+        self._fail_all_in_flight(why)
+
+    def _fail_all_in_flight(self, why: str) -> None:
+        for watch in list(self._watches.values()):
+            if watch.accepted and not watch.done.is_set():
+                self._settle(
+                    watch, ServerLostError(self.name, why, prompt_id=watch.prompt_id), "lost"
+                )
+
+    async def _watch_silence(self) -> None:
+        """Reconcile prompts we have heard nothing about for ``silence_timeout`` seconds."""
+        period = max(min(self.silence_timeout / 2, 5.0), 0.01)
+        while True:
+            await trio.sleep(period)
+            if not self._connected:
+                continue
+            now = trio.current_time()
+            silent = [
+                w for w in self._watches.values()
+                if w.accepted and not w.done.is_set()
+                and now - w.last_activity > self.silence_timeout
+            ]
+            if silent:
+                await self._reconcile(silent)
+
+    async def _reconcile(self, watches: list[_Watch]) -> None:
+        """Settle, from ``/queue`` and ``/history``, prompts whose events we may have missed."""
+        watches = [w for w in watches if w.accepted and not w.done.is_set()]
+        if not watches:
+            return
+        try:
+            queued = await self.queued_prompt_ids()
+            for watch in watches:
+                if watch.done.is_set():
+                    continue
+                if watch.prompt_id in queued:
+                    watch.last_activity = trio.current_time()
+                    continue
+                entry = await self.history(watch.prompt_id)
+                if watch.done.is_set():
+                    continue
+                if entry is not None:
+                    self._settle_from_history(watch, entry)
+                else:
+                    logger.warning("%s: prompt %s vanished", self.name, watch.prompt_id)
+                    self._settle(watch, PromptVanishedError(self.name, watch.prompt_id),
+                                 "vanished")
+        except ServerLostError as exc:
+            logger.warning("%s: cannot reconcile yet: %s", self.name, exc)
+
+    # ------------------------------------------------------------------ prompts
+
+    async def submit(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        prompt_id: str | None = None,
+        front: bool = False,
+        extra_data: Mapping[str, Any] | None = None,
+        allow_partial: bool = False,
+    ) -> SubmittedPrompt:
+        """Queue ``workflow`` (API format) on the server; return once it is accepted.
+
+        The prompt id is ours (a new UUID unless given) and is watched before the request
+        leaves, so no event can be missed. Raises ``WorkflowError`` when ComfyUI rejects the
+        workflow, and also when it accepts it but drops some outputs (200 with
+        ``node_errors``; the prompt is then removed again) unless ``allow_partial`` is True.
+        Raises ``ServerLostError`` when the server cannot be reached.
+        """
+        prompt_id = prompt_id or str(uuid.uuid4())
+        if prompt_id in self._watches:
+            raise ValueError(f"prompt id {prompt_id} is already in flight on {self.name}")
+        watch = _Watch(prompt_id, last_activity=trio.current_time())
+        self._watches[prompt_id] = watch
+        body: dict[str, Any] = {"prompt": workflow, "client_id": self.client_id,
+                                "prompt_id": prompt_id}
+        if front:
+            body["front"] = True
+        if extra_data:
+            body["extra_data"] = dict(extra_data)
+        try:
+            with _transport_errors(self.name, "POST /prompt"):
+                r = await self.http.post("/prompt", json=body)
+            answer = _json_or_text(r)
+            if r.status_code != 200 or not isinstance(answer, dict):
+                raise _workflow_error(answer, r.status_code, self.name, prompt_id)
+            node_errors = answer.get("node_errors") or {}
+            if node_errors and not allow_partial:
+                with trio.CancelScope(shield=True):
+                    await self.cancel_prompt(prompt_id)
+                raise WorkflowError(
+                    {"type": "outputs_dropped",
+                     "message": "ComfyUI accepted the prompt but dropped invalid outputs"},
+                    node_errors, status_code=200, instance=self.name, prompt_id=prompt_id,
+                )
+        except BaseException:
+            self._watches.pop(prompt_id, None)
+            raise
+        watch.accepted = True
+        watch.last_activity = trio.current_time()
+        logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id,
+                     answer.get("number"))
+        return SubmittedPrompt(prompt_id, float(answer.get("number", 0)), node_errors)
+
+    async def wait(self, prompt_id: str, *, timeout: float = math.inf) -> PromptResult:
+        """Wait for a submitted prompt to end and return its outputs.
+
+        Raises ``ExecutionError`` (a node failed), ``ExecutionInterruptedError``,
+        ``PromptVanishedError`` (it left the queue without running), ``ServerLostError``, or
+        ``ComfyUITimeoutError`` after ``timeout`` seconds (the prompt is then removed from the
+        server: deleted if pending, interrupted if running).
+        """
+        watch = self._watches.get(prompt_id)
+        if watch is None:
+            raise KeyError(f"prompt {prompt_id} is not in flight on {self.name}")
+        try:
+            with trio.move_on_after(timeout):
+                await watch.done.wait()
+            if not watch.done.is_set():
+                with trio.CancelScope(shield=True):
+                    await self.cancel_prompt(prompt_id)
+                raise ComfyUITimeoutError(
+                    f"ComfyUI {self.name}: prompt {prompt_id} did not finish in {timeout:g} s "
+                    "(it was interrupted)",
+                    instance=self.name, prompt_id=prompt_id, timeout=timeout,
+                )
+        finally:
+            self._watches.pop(prompt_id, None)
+        outcome = watch.outcome
+        if isinstance(outcome, PromptResult):
+            return outcome
+        assert outcome is not None
+        raise outcome
+
+    async def run(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        prompt_id: str | None = None,
+        timeout: float = math.inf,
+        front: bool = False,
+        extra_data: Mapping[str, Any] | None = None,
+    ) -> PromptResult:
+        """Submit ``workflow`` and wait for its outputs (``submit`` then ``wait``).
+
+        If the caller is cancelled, the prompt is deleted from the queue or interrupted on
+        the server before the cancellation goes on, so it keeps no GPU busy.
+        """
+        prompt_id = prompt_id or str(uuid.uuid4())
+        finished = False
+        try:
+            await self.submit(workflow, prompt_id=prompt_id, front=front, extra_data=extra_data)
+            result = await self.wait(prompt_id, timeout=timeout)
+            finished = True
+            return result
+        except ComfyAPIError:
+            finished = True
+            raise
+        finally:
+            if not finished:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + 5
+                    await self.cancel_prompt(prompt_id)
+
+    async def cancel_prompt(self, prompt_id: str) -> None:
+        """Remove a prompt from the server: delete it if pending, interrupt it if running.
+
+        Deleting first and interrupting second leaves no gap: a prompt that was pending is
+        gone, one that already ran is hit by the targeted interrupt (a no-op for an id that
+        is not running). Never raises for a server that is gone.
+        """
+        try:
+            with _transport_errors(self.name, "POST /queue"):
+                await self.http.post("/queue", json={"delete": [prompt_id]})
+            with _transport_errors(self.name, "POST /interrupt"):
+                await self.http.post("/interrupt", json={"prompt_id": prompt_id})
+        except ServerLostError as exc:
+            logger.warning("%s: could not cancel prompt %s: %s", self.name, prompt_id, exc)
+        watch = self._watches.get(prompt_id)
+        if watch is not None and watch.outcome is None:
+            self._settle(watch, ExecutionInterruptedError(
+                instance=self.name, prompt_id=prompt_id, node_id=None, node_type=None,
+            ), "cancelled")
+        logger.debug("%s: cancelled prompt %s", self.name, prompt_id)
+
+    # ------------------------------------------------------------------ plain HTTP calls
+
+    async def _get_json(self, path: str, **params: Any) -> Any:
+        with _transport_errors(self.name, f"GET {path}"):
+            r = await self.http.get(path, params=params or None)
+        if r.status_code != 200:
+            raise ComfyAPIError(f"ComfyUI {self.name}: GET {path} answered HTTP {r.status_code}")
+        return r.json()
+
+    async def system_stats(self) -> dict[str, Any]:
+        """``GET /system_stats``: versions, devices, memory."""
+        stats: dict[str, Any] = await self._get_json("/system_stats")
+        return stats
+
+    async def object_info(self) -> dict[str, Any]:
+        """``GET /object_info``: every node class the server knows, with its inputs."""
+        info: dict[str, Any] = await self._get_json("/object_info")
+        return info
+
+    async def list_models(self, folder: str) -> list[str]:
+        """``GET /models/{folder}``: the model files the server sees (empty for an unknown
+        folder)."""
+        with _transport_errors(self.name, f"GET /models/{folder}"):
+            r = await self.http.get(f"/models/{folder}")
+        if r.status_code == 404:
+            return []
+        if r.status_code != 200:
+            raise ComfyAPIError(f"ComfyUI {self.name}: GET /models/{folder} answered "
+                                f"HTTP {r.status_code}")
+        return [str(name) for name in r.json()]
+
+    async def queue(self) -> dict[str, Any]:
+        """``GET /queue``: ``queue_running`` and ``queue_pending``."""
+        answer: dict[str, Any] = await self._get_json("/queue")
+        return answer
+
+    async def queued_prompt_ids(self) -> set[str]:
+        """The ids of every prompt running or pending on the server."""
+        answer = await self.queue()
+        ids: set[str] = set()
+        for key in ("queue_running", "queue_pending"):
+            for item in answer.get(key) or ():
+                if isinstance(item, list) and len(item) > 1:
+                    ids.add(str(item[1]))
+        return ids
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """``GET /history/{id}``: the entry of a finished prompt, or None."""
+        answer = await self._get_json(f"/history/{prompt_id}")
+        entry = answer.get(prompt_id) if isinstance(answer, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def interrupt(self, prompt_id: str | None = None) -> None:
+        """``POST /interrupt``: stop the running prompt (only if it is ``prompt_id``, when
+        given)."""
+        body = {"prompt_id": prompt_id} if prompt_id else {}
+        with _transport_errors(self.name, "POST /interrupt"):
+            await self.http.post("/interrupt", json=body)
+
+    async def delete_from_queue(self, prompt_ids: list[str]) -> None:
+        """``POST /queue {"delete": ids}``: remove pending prompts."""
+        with _transport_errors(self.name, "POST /queue"):
+            await self.http.post("/queue", json={"delete": prompt_ids})
+
+    async def free(self, *, unload_models: bool = False, free_memory: bool = True) -> None:
+        """``POST /free``: drop cached results (and models), so the next prompt runs anew."""
+        with _transport_errors(self.name, "POST /free"):
+            await self.http.post(
+                "/free", json={"unload_models": unload_models, "free_memory": free_memory}
+            )
+
+    async def upload_image(
+        self, filename: str, data: bytes, *, subfolder: str = "", overwrite: bool = True,
+        type: str = "input",
+    ) -> str:
+        """``POST /upload/image``; return the name to put into ``LoadImage.inputs.image``
+        (``subfolder/name`` when a sub-folder is used)."""
+        with _transport_errors(self.name, "POST /upload/image"):
+            r = await self.http.post(
+                "/upload/image",
+                files={"image": (filename, data, "application/octet-stream")},
+                data={"overwrite": "true" if overwrite else "false", "type": type,
+                      "subfolder": subfolder},
+            )
+        if r.status_code != 200:
+            raise ComfyAPIError(
+                f"ComfyUI {self.name}: upload of {filename!r} refused (HTTP {r.status_code})"
+            )
+        answer = r.json()
+        name = str(answer["name"])
+        sub = str(answer.get("subfolder") or "")
+        return f"{sub}/{name}" if sub else name
+
+    async def download(self, ref: OutputRef, dest: Path) -> Path:
+        """``GET /view`` an output into ``dest``, atomically (a partial file never stays)."""
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            with _transport_errors(self.name, "GET /view"):
+                async with self.http.stream("GET", "/view", params=params) as r:
+                    if r.status_code != 200:
+                        raise ComfyAPIError(
+                            f"ComfyUI {self.name}: GET /view of {ref.subfolder}/{ref.filename} "
+                            f"answered HTTP {r.status_code}"
+                        )
+                    async with await trio.open_file(tmp, "wb") as f:
+                        async for chunk in r.aiter_bytes():
+                            await f.write(chunk)
+            await trio.Path(tmp).replace(dest)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json_or_text(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
+
+
+def _workflow_error(answer: Any, status: int, instance: str, prompt_id: str) -> WorkflowError:
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return WorkflowError(answer["error"], answer.get("node_errors") or {},
+                             status_code=status, instance=instance, prompt_id=prompt_id)
+    text = str(answer).strip()[:500] if answer else ""
+    return WorkflowError(
+        {"type": "http_error", "message": f"HTTP {status}", "details": text}, {},
+        status_code=status, instance=instance, prompt_id=prompt_id,
+    )
+
+
+async def connect_comfy_client(
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    name: str | None = None,
+    client_id: str | None = None,
+    http: httpx.AsyncClient | None = None,
+    silence_timeout: float = 30.0,
+    reconnect_timeout: float = 30.0,
+) -> ComfyClient:
+    """Connect to the server at ``url`` with its websocket task running in ``nursery``.
+
+    The advanced form of ``open_comfy_client()``: the caller owns the nursery and must call
+    ``await client.aclose()``. Raises ``ServerLostError`` when the websocket cannot be opened.
+    """
+    base = url.rstrip("/")
+    client = ComfyClient(
+        url=base,
+        name=name or _instance_name(base),
+        client_id=client_id or uuid.uuid4().hex,
+        http=http or httpx.AsyncClient(
+            base_url=base, timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        ),
+        silence_timeout=silence_timeout,
+        reconnect_timeout=reconnect_timeout,
+    )
+    try:
+        await nursery.start(client._serve)
+    except BaseException:
+        await client.http.aclose()
+        raise
+    return client
+
+
+@asynccontextmanager
+async def open_comfy_client(
+    url: str,
+    *,
+    name: str | None = None,
+    client_id: str | None = None,
+    silence_timeout: float = 30.0,
+    reconnect_timeout: float = 30.0,
+) -> AsyncIterator[ComfyClient]:
+    """Open a client for the ComfyUI server at ``url`` (its websocket is up on entry)::
+
+        async with open_comfy_client("http://127.0.0.1:8188") as client:
+            result = await client.run(workflow)
+
+    Raises ``ServerLostError`` when the server cannot be reached.
+    """
+    async with trio.open_nursery() as nursery:
+        client = await connect_comfy_client(
+            nursery, url, name=name, client_id=client_id,
+            silence_timeout=silence_timeout, reconnect_timeout=reconnect_timeout,
+        )
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()

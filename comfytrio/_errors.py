@@ -1,0 +1,298 @@
+"""Every error comfytrio raises, in one place.
+
+The tree::
+
+    ComfyAPIError                      base of everything below
+    ├── GPUDetectionError              NVML sees GPUs but CUDA does not work
+    ├── ModelNotFoundError             .missing: the ModelRefs not found
+    ├── DownloadError                  .url, .reason (a LoRA or an image could not be fetched)
+    ├── UnsafeNameError                .name, .folder (a user name would escape its folder)
+    ├── ParamError                     .param: a bad entry of the ``params`` dict
+    │   ├── UnknownParamTypeError      .type_name, .known
+    │   └── NodeTitleNotFoundError     .title, .available
+    ├── PluginError                    a plugin is broken (duplicate name, bad hook)
+    ├── ComfyUIStartupError            .instance, .log_tail: a ComfyUI process did not start
+    │   └── PortInUseError             .port: someone else already listens there
+    ├── ComfyUITimeoutError            .instance, .prompt_id, .timeout
+    ├── ServerLostError                .instance, .prompt_id: the server went away mid-job
+    ├── PromptVanishedError            .instance, .prompt_id: deleted/cleared by someone else
+    ├── WorkflowError                  .error, .node_errors, .status_code: ComfyUI rejected it
+    └── ExecutionError                 .prompt_id, .node_id, .node_type, .exception_type, ...
+        └── ExecutionInterruptedError  the prompt was interrupted while it ran
+
+Errors carry data: every attribute named above is set, so callers can act on it without
+parsing messages. Causes are chained with ``raise ... from``. When every shard of a job fails,
+the first error is raised and the others are in its ``other_errors`` list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ComfyAPIError",
+    "ComfyUIStartupError",
+    "ComfyUITimeoutError",
+    "DownloadError",
+    "ExecutionError",
+    "ExecutionInterruptedError",
+    "GPUDetectionError",
+    "ModelNotFoundError",
+    "NodeTitleNotFoundError",
+    "ParamError",
+    "PluginError",
+    "PortInUseError",
+    "PromptVanishedError",
+    "ServerLostError",
+    "UnknownParamTypeError",
+    "UnsafeNameError",
+    "WorkflowError",
+]
+
+
+class ComfyAPIError(Exception):
+    """Base class of every error raised by comfytrio.
+
+    ``other_errors`` holds the errors of the other shards when a whole job failed and this
+    one, the first, was raised for all of them.
+    """
+
+    other_errors: list[BaseException]
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.other_errors = []
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class GPUDetectionError(ComfyAPIError):
+    """NVML reports GPUs, but the CUDA runtime cannot use them."""
+
+
+class ModelNotFoundError(ComfyAPIError):
+    """One or more required models are missing.
+
+    ``missing`` lists every missing model (not just the first), ``where`` says where they
+    were looked for (a folder, or a server URL).
+    """
+
+    def __init__(self, missing: Sequence[Any], where: str) -> None:
+        self.missing = list(missing)
+        self.where = where
+        names = ", ".join(f"{m.type}/{m.name}" for m in self.missing)
+        super().__init__(f"model(s) not found in {where}: {names}")
+
+
+class DownloadError(ComfyAPIError):
+    """A download (LoRA, input image) failed: ``url`` says what, ``reason`` says why."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"download of {url} failed: {reason}")
+
+
+class UnsafeNameError(ComfyAPIError):
+    """A user-given file name would escape its folder (``../``, absolute path, ...)."""
+
+    def __init__(self, name: str, folder: str) -> None:
+        self.name = name
+        self.folder = folder
+        super().__init__(f"refusing file name {name!r}: it must stay inside {folder}")
+
+
+class ParamError(ComfyAPIError):
+    """An entry of the ``params`` dict is wrong; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(f"param {param!r}: {message}")
+
+
+class UnknownParamTypeError(ParamError):
+    """A param asks for a ``type`` no plugin provides; ``known`` lists those that exist."""
+
+    def __init__(self, param: str, type_name: str, known: Sequence[str]) -> None:
+        self.type_name = type_name
+        self.known = sorted(known)
+        super().__init__(
+            param, f"unknown type {type_name!r}; known types: {', '.join(self.known)}"
+        )
+
+
+class NodeTitleNotFoundError(ParamError):
+    """A param's ``node_mappings`` title matches no node; ``available`` lists the titles."""
+
+    def __init__(self, param: str, title: str, available: Sequence[str]) -> None:
+        self.title = title
+        self.available = sorted(available)
+        super().__init__(
+            param,
+            f"no node titled {title!r} in the workflow; titles: {', '.join(self.available)}",
+        )
+
+
+class PluginError(ComfyAPIError):
+    """A plugin is broken: a duplicate name, an unknown hook, a bad registration."""
+
+
+class ComfyUIStartupError(ComfyAPIError):
+    """A ComfyUI process we started exited or failed before it was ready.
+
+    ``log_tail`` holds the last lines of its log, ``instance`` names it.
+    """
+
+    def __init__(self, instance: str, message: str, log_tail: str = "") -> None:
+        self.instance = instance
+        self.log_tail = log_tail
+        text = f"ComfyUI {instance} did not start: {message}"
+        if log_tail:
+            text += "\n--- last lines of its log ---\n" + log_tail
+        super().__init__(text)
+
+
+class PortInUseError(ComfyUIStartupError):
+    """The port of an instance we should start is already taken by another process."""
+
+    def __init__(self, instance: str, port: int) -> None:
+        self.port = port
+        super().__init__(
+            instance,
+            f"port {port} on 127.0.0.1 is already in use by another process "
+            "(pick another port, or attach to it with auto_start=False)",
+        )
+
+
+class ComfyUITimeoutError(ComfyAPIError):
+    """A server was not ready in time, or a prompt did not finish in time."""
+
+    def __init__(
+        self, message: str, *, instance: str = "", prompt_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.instance = instance
+        self.prompt_id = prompt_id
+        self.timeout = timeout
+        super().__init__(message)
+
+
+class ServerLostError(ComfyAPIError):
+    """The server went away (connection refused, socket closed, process exited)."""
+
+    def __init__(self, instance: str, message: str, *, prompt_id: str | None = None) -> None:
+        self.instance = instance
+        self.prompt_id = prompt_id
+        super().__init__(f"ComfyUI {instance}: {message}")
+
+
+class PromptVanishedError(ComfyAPIError):
+    """A prompt left the server's queue without ever running or finishing.
+
+    ComfyUI sends no event when a pending prompt is deleted or the queue is cleared by
+    another client, and forgets everything on a restart.
+    """
+
+    def __init__(self, instance: str, prompt_id: str) -> None:
+        self.instance = instance
+        self.prompt_id = prompt_id
+        super().__init__(
+            f"ComfyUI {instance}: prompt {prompt_id} vanished from the queue without running "
+            "(deleted or cleared by another client, or the server restarted)"
+        )
+
+
+def _describe_node_errors(node_errors: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for node_id, entry in node_errors.items():
+        class_type = entry.get("class_type", "?") if isinstance(entry, Mapping) else "?"
+        errors = entry.get("errors", []) if isinstance(entry, Mapping) else []
+        for err in errors:
+            extra = err.get("extra_info", {}) or {}
+            input_name = extra.get("input_name")
+            where = f"node {node_id} ({class_type})"
+            if input_name:
+                where += f", input {input_name!r}"
+            detail = err.get("details") or ""
+            msg = err.get("message", err.get("type", "error"))
+            lines.append(f"{where}: {msg}" + (f": {detail}" if detail else ""))
+    return lines
+
+
+class WorkflowError(ComfyAPIError):
+    """ComfyUI refused the workflow (``POST /prompt`` answered an error).
+
+    ``error`` is ComfyUI's ``error`` object (``type``, ``message``, ``details``), ``node_errors``
+    maps node ids to their ``errors`` list, and the message has one readable line per node
+    and input. ``status_code`` is the HTTP status (400, or 200 when ComfyUI accepted the prompt
+    but dropped some outputs: ``partial`` is then True).
+    """
+
+    def __init__(
+        self,
+        error: Mapping[str, Any],
+        node_errors: Mapping[str, Any],
+        *,
+        status_code: int = 400,
+        instance: str = "",
+        prompt_id: str | None = None,
+    ) -> None:
+        self.error = dict(error)
+        self.node_errors = dict(node_errors)
+        self.status_code = status_code
+        self.instance = instance
+        self.prompt_id = prompt_id
+        self.partial = status_code == 200
+        head = self.error.get("message") or self.error.get("type") or "workflow rejected"
+        details = self.error.get("details")
+        text = f"ComfyUI {instance} rejected the workflow: {head}" if instance else (
+            f"ComfyUI rejected the workflow: {head}"
+        )
+        if details:
+            text += f" ({details})"
+        for line in _describe_node_errors(self.node_errors):
+            text += "\n  - " + line
+        super().__init__(text)
+
+
+class ExecutionError(ComfyAPIError):
+    """A node raised while ComfyUI ran the prompt (the ``execution_error`` event)."""
+
+    def __init__(
+        self,
+        *,
+        instance: str,
+        prompt_id: str,
+        node_id: str | None,
+        node_type: str | None,
+        exception_type: str = "",
+        exception_message: str = "",
+        traceback: Sequence[str] = (),
+    ) -> None:
+        self.instance = instance
+        self.prompt_id = prompt_id
+        self.node_id = node_id
+        self.node_type = node_type
+        self.exception_type = exception_type
+        self.exception_message = exception_message
+        self.traceback = list(traceback)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        return (
+            f"ComfyUI {self.instance}: prompt {self.prompt_id} failed in node {self.node_id} "
+            f"({self.node_type}): {self.exception_type}: {self.exception_message.strip()}"
+        )
+
+
+class ExecutionInterruptedError(ExecutionError):
+    """The prompt was interrupted while it ran (by us on cancel, or by someone else)."""
+
+    def _text(self) -> str:
+        return (
+            f"ComfyUI {self.instance}: prompt {self.prompt_id} was interrupted at node "
+            f"{self.node_id} ({self.node_type})"
+        )

@@ -1,0 +1,325 @@
+"""Starting and stopping one ComfyUI process under a trio nursery.
+
+Each instance gets its own input, output, temp and user folders, database and log file, so
+several instances can share ONE ComfyUI install (see the collision table in
+comfyui-protocol/README.md: a shared output folder makes SaveImage counters collide, a shared
+temp folder is wiped by the next instance's start, the database is shared unless
+``--database-url`` is set). Models and custom nodes still come from the install, plus the
+user's ``models_path`` through an ``extra_model_paths`` file.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ._client import wait_server_ready
+from ._errors import ComfyUIStartupError, ComfyUITimeoutError, PortInUseError
+
+__all__ = ["InstanceDirs", "LaunchSpec", "comfyui_command", "run_comfyui"]
+
+logger = logging.getLogger("comfytrio.process")
+
+# The model folders ComfyUI knows (folder_paths.py); each is mapped into models_path.
+_MODEL_FOLDERS = (
+    "checkpoints", "configs", "loras", "vae", "text_encoders", "clip", "diffusion_models",
+    "unet", "clip_vision", "style_models", "embeddings", "diffusers", "vae_approx",
+    "controlnet", "t2i_adapter", "gligen", "upscale_models", "latent_upscale_models",
+    "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders",
+)
+
+
+@attrs.frozen
+class InstanceDirs:
+    """The folders and files that belong to one instance and to no other."""
+
+    root: Path
+    """The instance's state folder; everything below lives in it."""
+
+    @property
+    def input(self) -> Path:
+        """``--input-directory``."""
+        return self.root / "input"
+
+    @property
+    def output(self) -> Path:
+        """``--output-directory``."""
+        return self.root / "output"
+
+    @property
+    def temp(self) -> Path:
+        """``--temp-directory`` (ComfyUI uses ``temp/temp`` below it)."""
+        return self.root / "temp"
+
+    @property
+    def user(self) -> Path:
+        """``--user-directory`` (must exist before ComfyUI starts)."""
+        return self.root / "user"
+
+    @property
+    def database(self) -> Path:
+        """The sqlite file given with ``--database-url``."""
+        return self.root / "comfyui.db"
+
+    @property
+    def log(self) -> Path:
+        """Where the process's stdout and stderr go."""
+        return self.root / "comfyui.log"
+
+    @property
+    def model_paths_config(self) -> Path:
+        """The ``extra_model_paths`` YAML that points ComfyUI at ``models_path``."""
+        return self.root / "extra_model_paths.yaml"
+
+    def create(self) -> None:
+        """Make every folder (blocking; call it in a thread)."""
+        for folder in (self.input, self.output, self.temp, self.user):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@attrs.frozen
+class LaunchSpec:
+    """Everything needed to start one ComfyUI process."""
+
+    name: str
+    """Name for logs and errors."""
+    comfyui_path: Path
+    """The ComfyUI folder with ``main.py``."""
+    port: int
+    """Port on 127.0.0.1."""
+    dirs: InstanceDirs
+    """Its own folders."""
+    python: str = sys.executable
+    """Interpreter for ``main.py``."""
+    cpu: bool = False
+    """Run with ``--cpu``."""
+    cuda_device: int | None = None
+    """Pin to this CUDA device with ``CUDA_VISIBLE_DEVICES``."""
+    models_path: Path | None = None
+    """Extra models root (written into the extra_model_paths file)."""
+    extra_args: tuple[str, ...] = ()
+    """More ComfyUI flags."""
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    """Extra environment variables."""
+    ready_timeout: float = 120.0
+    """Seconds to wait for ``/system_stats``."""
+    grace: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when stopping."""
+
+    @property
+    def url(self) -> str:
+        """Where it will answer."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+def comfyui_command(spec: LaunchSpec) -> list[str]:
+    """The command line that starts ComfyUI for ``spec`` (listening on 127.0.0.1 only)."""
+    d = spec.dirs
+    cmd = [
+        spec.python, "main.py",
+        "--listen", "127.0.0.1",
+        "--port", str(spec.port),
+        "--disable-auto-launch",
+        "--input-directory", str(d.input),
+        "--output-directory", str(d.output),
+        "--temp-directory", str(d.temp),
+        "--user-directory", str(d.user),
+        "--database-url", f"sqlite:///{d.database}",
+    ]
+    if spec.models_path is not None:
+        cmd += ["--extra-model-paths-config", str(d.model_paths_config)]
+    if spec.cpu:
+        cmd.append("--cpu")
+    cmd += list(spec.extra_args)
+    return cmd
+
+
+def _model_paths_yaml(models_path: Path) -> str:
+    lines = ["comfytrio:", f"  base_path: {_yaml_str(str(models_path))}", "  is_default: true"]
+    lines += [f"  {folder}: {folder}/" for folder in _MODEL_FOLDERS]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_str(text: str) -> str:
+    """Quote a string for YAML (JSON strings are valid YAML scalars)."""
+    return json.dumps(text)
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _prepare(spec: LaunchSpec) -> None:
+    spec.dirs.create()
+    if spec.models_path is not None:
+        spec.dirs.model_paths_config.write_text(_model_paths_yaml(spec.models_path))
+
+
+class _LogPump:
+    """Copies the process output to its log file and to DEBUG logging; keeps the tail."""
+
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    async def run(self, stream: trio.abc.ReceiveStream) -> None:
+        proc_logger = logging.getLogger(f"comfytrio.process.{self.spec.name}")
+        buffer = b""
+        async with await trio.open_file(self.spec.dirs.log, "ab") as log:
+            async for chunk in stream:
+                await log.write(chunk)
+                await log.flush()
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace").rstrip()
+                    self.tail.append(line)
+                    proc_logger.debug("%s", line)
+        if buffer:
+            self.tail.append(buffer.decode(errors="replace"))
+
+    def text(self) -> str:
+        return "\n".join(self.tail)
+
+
+async def _terminate(process: trio.Process, grace: float, name: str) -> None:
+    """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL it."""
+    if process.returncode is not None:
+        return
+    logger.info("stopping ComfyUI %s (pid %d)", name, process.pid)
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(grace):
+        await process.wait()
+        return
+    logger.warning("ComfyUI %s ignored SIGTERM for %g s: killing it", name, grace)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    await process.wait()
+
+
+@attrs.define(eq=False)
+class RunningProcess:
+    """A started ComfyUI process, as ``run_comfyui`` reports it."""
+
+    spec: LaunchSpec
+    """How it was started."""
+    process: trio.Process
+    """The process."""
+    system_stats: dict[str, Any]
+    """What ``/system_stats`` answered when it became ready."""
+    log_pump: _LogPump
+
+    @property
+    def pid(self) -> int:
+        """Process id."""
+        return self.process.pid
+
+    def log_tail(self) -> str:
+        """The last lines it printed."""
+        return self.log_pump.text()
+
+
+async def run_comfyui(
+    spec: LaunchSpec,
+    *,
+    task_status: trio.TaskStatus[RunningProcess] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Start ComfyUI, report it through ``task_status`` once ``/system_stats`` answers, and
+    run until cancelled (then SIGTERM, grace, SIGKILL: no orphan) or until it exits (the
+    exit code is returned).
+
+    Raises ``PortInUseError`` when someone already listens on the port,
+    ``ComfyUIStartupError`` (with the log tail) when the process exits while starting, and
+    ``ComfyUITimeoutError`` when it is not ready in ``spec.ready_timeout`` seconds.
+    """
+    if await trio.to_thread.run_sync(_port_taken, spec.port):
+        raise PortInUseError(spec.name, spec.port)
+    await trio.to_thread.run_sync(_prepare, spec)
+    env = dict(os.environ)
+    env.update(spec.env)
+    if spec.cuda_device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(spec.cuda_device)
+    cmd = comfyui_command(spec)
+    logger.debug("starting ComfyUI %s: %s", spec.name, " ".join(cmd))
+    try:
+        process = await trio.lowlevel.open_process(
+            cmd, cwd=str(spec.comfyui_path), env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:
+        raise ComfyUIStartupError(spec.name, f"cannot run {cmd[0]}: {exc}") from exc
+    pump = _LogPump(spec)
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(pump.run, process.stdout)
+            stats = await _wait_ready(spec, process)
+            if stats is None:
+                await _terminate(process, spec.grace, spec.name)
+                with trio.move_on_after(2):  # let the pump read the last lines
+                    await trio.sleep(0.05)
+                code = process.returncode
+                tail = pump.text()
+                if "address already in use" in tail.lower():
+                    raise PortInUseError(spec.name, spec.port)
+                raise ComfyUIStartupError(
+                    spec.name, f"the process exited with code {code} while starting", tail
+                )
+            logger.info("ComfyUI %s ready at %s (pid %d)", spec.name, spec.url, process.pid)
+            task_status.started(RunningProcess(spec, process, stats, pump))
+            code = await process.wait()
+            logger.error("ComfyUI %s exited with code %s", spec.name, code)
+            nursery.cancel_scope.cancel()
+            return code
+    finally:
+        with trio.CancelScope(shield=True):
+            await _terminate(process, spec.grace, spec.name)
+
+
+async def _wait_ready(spec: LaunchSpec, process: trio.Process) -> dict[str, Any] | None:
+    """``/system_stats`` of our process once it answers; None when the process exited."""
+    stats: dict[str, Any] | None = None
+    with trio.move_on_after(spec.ready_timeout) as timer:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_exit() -> None:
+                await process.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_exit)
+            stats = await wait_server_ready(spec.url, timeout=math.inf)
+            nursery.cancel_scope.cancel()
+    if process.returncode is not None:
+        return None
+    if timer.cancelled_caught or stats is None:
+        await _terminate(process, spec.grace, spec.name)
+        raise ComfyUITimeoutError(
+            f"ComfyUI {spec.name} was not ready after {spec.ready_timeout:g} s "
+            f"(see {spec.dirs.log})", instance=spec.name, timeout=spec.ready_timeout,
+        )
+    argv: Sequence[Any] = stats.get("system", {}).get("argv") or []
+    if argv and str(spec.port) not in [str(a) for a in argv]:
+        # Something else answered on our port: never adopt it silently.
+        await _terminate(process, spec.grace, spec.name)
+        raise PortInUseError(spec.name, spec.port)
+    return stats

@@ -1,0 +1,173 @@
+"""Frozen values shared by the whole library: what to run, where, and what came out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+__all__ = [
+    "ComfyUIInstance", "GPUInfo", "JobResult", "LoRARef", "ModelRef", "OutputFile",
+    "RemoteComfyUI", "ShardFailure", "ShardReport",
+]
+
+
+@attrs.frozen
+class ModelRef:
+    """A model file that must exist before a workflow runs."""
+
+    type: str
+    """The models sub-folder, as ComfyUI names it: ``checkpoints``, ``vae``, ``loras``, ..."""
+    name: str
+    """The file name inside that folder (may hold sub-folders, never ``..``)."""
+
+
+@attrs.frozen
+class LoRARef:
+    """A LoRA the workflow uses; downloaded into ``models_path/loras/`` when absent."""
+
+    name: str
+    """File name inside ``loras/`` (what the workflow's loader nodes receive)."""
+    url: str
+    """Where to download it from (http or https only)."""
+    strength: float = 1.0
+    """Model strength (and clip strength, unless ``strength_clip`` is given)."""
+    sha256: str | None = None
+    """Optional hex digest the downloaded bytes must match."""
+    strength_clip: float | None = None
+    """Clip strength for core ``LoraLoader`` nodes; defaults to ``strength``."""
+    node_title: str | None = None
+    """Title of the ``LoraLoader`` node this LoRA goes into (see the plugin guide)."""
+
+
+@attrs.frozen
+class GPUInfo:
+    """What the machine offers: detected with NVML, or given by hand (tests, CPU boxes)."""
+
+    cuda_available: bool
+    """True when CUDA devices can be used; False runs ComfyUI with ``--cpu``."""
+    device_count: int
+    """How many devices (or CPU instances when ``cuda_available`` is False) to use."""
+
+
+@attrs.frozen
+class ComfyUIInstance:
+    """One ComfyUI server: a local install (``path``) served on ``port``.
+
+    Several instances may share one install: each gets its own input, output, temp and user
+    folders and database under its state folder.
+    """
+
+    path: str | Path
+    """The ComfyUI folder holding ``main.py``."""
+    port: int
+    """The port it listens on (on 127.0.0.1)."""
+    python: str | None = None
+    """The interpreter that runs ``main.py``; None means the current one."""
+    extra_args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """More command-line arguments for ComfyUI."""
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP address of the server."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+@attrs.frozen
+class OutputFile:
+    """One file a prompt produced."""
+
+    path: str
+    """Where the file is on this machine (downloaded first for remote servers)."""
+    instance: str
+    """The name of the server that made it."""
+    prompt_id: str
+    """The prompt that made it."""
+    node_id: str
+    """The output node that reported it."""
+    filename: str
+    """ComfyUI's file name (``prefix_00001_.png``)."""
+    subfolder: str
+    """ComfyUI's sub-folder inside its output (or temp) folder."""
+    type: str
+    """``output`` (SaveImage) or ``temp`` (PreviewImage)."""
+
+
+@attrs.frozen
+class RemoteComfyUI:
+    """A ComfyUI server we do not start and whose disk we do not share.
+
+    Inputs are uploaded with ``/upload/image``, outputs downloaded with ``/view``, models
+    checked with ``/models/{folder}``.
+    """
+
+    url: str
+    """Base URL, e.g. ``http://gpu-box-3:8188``."""
+    name: str | None = None
+    """A short name for logs and results (``host:port`` by default)."""
+
+
+@attrs.frozen
+class ShardFailure:
+    """One shard of a job that failed."""
+
+    index: int
+    """The shard's index in the job's split."""
+    instance: str
+    """The server it ran on."""
+    prompt_id: str
+    """Its prompt id."""
+    error: BaseException
+    """What went wrong (a ``ComfyAPIError``)."""
+
+
+@attrs.frozen
+class ShardReport:
+    """How one shard of a job went."""
+
+    index: int
+    """The shard's index in the job's split."""
+    instance: str
+    """The server it ran on."""
+    prompt_id: str
+    """Its prompt id."""
+    scaled: dict[str, int]
+    """Its share of every ``gpu_scale`` param."""
+    seeds: dict[str, int]
+    """The seed given to each seed node (by node title)."""
+    submitted_at: float
+    """``trio.current_time()`` when it was sent."""
+    finished_at: float
+    """``trio.current_time()`` when it ended."""
+    ok: bool
+    """True when it succeeded."""
+
+
+@attrs.frozen
+class JobResult:
+    """Everything a job produced: outputs, failures, and how each shard went."""
+
+    job_id: str
+    """Our id for the job (also the marker that keeps its files apart)."""
+    outputs: tuple[OutputFile, ...]
+    """Every file produced, shard by shard."""
+    failures: tuple[ShardFailure, ...]
+    """Every shard that failed."""
+    shards: tuple[ShardReport, ...]
+    """Every shard sent."""
+    seed: int
+    """The job seed (give it again to reproduce the run)."""
+    started_at: float
+    """``trio.current_time()`` when the job began."""
+    finished_at: float
+    """``trio.current_time()`` when it ended."""
+
+    @property
+    def paths(self) -> list[str]:
+        """The paths of the ``output`` files (what ``execute_workflow`` returns)."""
+        return [o.path for o in self.outputs if o.type == "output"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard failed."""
+        return not self.failures

@@ -1,0 +1,1 @@
+"""The standard param types and asset resolvers of comfytrio."""
