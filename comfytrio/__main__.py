@@ -1,0 +1,5 @@
+"""``python -m comfytrio`` runs the command line."""
+
+from ._cli import main
+
+main()

@@ -1,0 +1,4 @@
+"""Command line (in progress)."""
+
+def main() -> None:
+    """Entry point."""

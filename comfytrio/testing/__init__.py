@@ -1,0 +1,1 @@
+"""The fake ComfyUI server (in progress)."""

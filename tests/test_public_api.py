@@ -1,0 +1,41 @@
+"""The public names: the seed library's API stays, private modules stay private."""
+
+from __future__ import annotations
+
+import comfytrio
+
+SEED_NAMES = {
+    "ComfyAPI", "ComfyAPIError", "ComfyUIInstance", "ComfyUIStartupError",
+    "ComfyUITimeoutError", "DownloadError", "GPUDetectionError", "GPUInfo", "LoRARef",
+    "ModelNotFoundError", "ModelRef", "WorkflowError", "distribute",
+}
+
+
+def test_seed_names_are_exported() -> None:
+    missing = SEED_NAMES - set(dir(comfytrio))
+    assert not missing
+
+
+def test_public_names_have_docstrings_and_public_module() -> None:
+    for name in dir(comfytrio):
+        if name.startswith("_"):
+            continue
+        obj = getattr(comfytrio, name)
+        if isinstance(obj, type) or callable(obj):
+            assert obj.__doc__, f"{name} has no docstring"
+            assert obj.__module__.startswith(("comfytrio", "pluggy")), (name, obj.__module__)
+
+
+def test_every_error_derives_from_the_base() -> None:
+    for name in dir(comfytrio):
+        obj = getattr(comfytrio, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, comfytrio.ComfyAPIError), name
+
+
+def test_errors_docstring_draws_every_error() -> None:
+    from comfytrio import _errors
+
+    tree = _errors.__doc__ or ""
+    for name in _errors.__all__:
+        assert name in tree, f"{name} missing from the tree in comfytrio/_errors.py"
