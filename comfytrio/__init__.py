@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import logging
 
+from ._client import ClientStatistics as ClientStatistics
+from ._client import ComfyClient as ComfyClient
+from ._client import OutputRef as OutputRef
+from ._client import PromptResult as PromptResult
+from ._client import SubmittedPrompt as SubmittedPrompt
+from ._client import connect_comfy_client as connect_comfy_client
+from ._client import open_comfy_client as open_comfy_client
+from ._client import wait_server_ready as wait_server_ready
 from ._errors import ComfyAPIError as ComfyAPIError
 from ._errors import ComfyUIStartupError as ComfyUIStartupError
 from ._errors import ComfyUITimeoutError as ComfyUITimeoutError
@@ -24,12 +32,24 @@ from ._errors import ServerLostError as ServerLostError
 from ._errors import UnknownParamTypeError as UnknownParamTypeError
 from ._errors import UnsafeNameError as UnsafeNameError
 from ._errors import WorkflowError as WorkflowError
+from ._events import ComfyEvent as ComfyEvent
+from ._events import NodeOutput as NodeOutput
+from ._events import NodeProgress as NodeProgress
+from ._events import NodesCached as NodesCached
+from ._events import NodeStarted as NodeStarted
+from ._events import PromptFinished as PromptFinished
+from ._events import PromptStarted as PromptStarted
+from ._events import QueueStatus as QueueStatus
 from ._scheduler import distribute as distribute
 from ._types import ComfyUIInstance as ComfyUIInstance
 from ._types import GPUInfo as GPUInfo
+from ._types import JobResult as JobResult
 from ._types import LoRARef as LoRARef
 from ._types import ModelRef as ModelRef
 from ._types import OutputFile as OutputFile
+from ._types import RemoteComfyUI as RemoteComfyUI
+from ._types import ShardFailure as ShardFailure
+from ._types import ShardReport as ShardReport
 
 __version__ = "0.1.0"
 

@@ -83,6 +83,7 @@ class ComfyAPI:
         download_dir: str | Path | None = None,
         plugins: Plugins | None = None,
         grace: float = 10.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.models_path = Path(models_path).resolve()
         self.gpu = gpu if gpu is not None else detect_gpus()
@@ -93,6 +94,7 @@ class ComfyAPI:
         self._state_dir = Path(state_dir).resolve() if state_dir is not None else None
         self._plugins = plugins
         self._grace = grace
+        self._env = dict(env or {})
         self.instances: list[Instance] = self._build_instances(instances)
         self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -132,7 +134,7 @@ class ComfyAPI:
                     cpu=not self.gpu.cuda_available,
                     cuda_device=index if self.gpu.cuda_available else None,
                     models_path=self.models_path, extra_args=spec.extra_args,
-                    ready_timeout=self.ready_timeout, grace=self._grace,
+                    ready_timeout=self.ready_timeout, grace=self._grace, env=self._env,
                 )
                 built.append(Instance(index, name, spec.base_url, launch=launch,
                                       ready_timeout=self.ready_timeout))
