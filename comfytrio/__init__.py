@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from ._api import ComfyAPI as ComfyAPI
 from ._client import ClientStatistics as ClientStatistics
 from ._client import ComfyClient as ComfyClient
 from ._client import OutputRef as OutputRef
@@ -40,6 +41,12 @@ from ._events import NodeStarted as NodeStarted
 from ._events import PromptFinished as PromptFinished
 from ._events import PromptStarted as PromptStarted
 from ._events import QueueStatus as QueueStatus
+from ._plan import JobPlan as JobPlan
+from ._plan import ShardPlan as ShardPlan
+from ._plan import plan_job as plan_job
+from ._plan import validate_params as validate_params
+from ._plugins import Plugins as Plugins
+from ._plugins import make_plugin_manager as make_plugin_manager
 from ._scheduler import distribute as distribute
 from ._types import ComfyUIInstance as ComfyUIInstance
 from ._types import GPUInfo as GPUInfo
@@ -50,6 +57,7 @@ from ._types import OutputFile as OutputFile
 from ._types import RemoteComfyUI as RemoteComfyUI
 from ._types import ShardFailure as ShardFailure
 from ._types import ShardReport as ShardReport
+from .hookspecs import hookimpl as hookimpl
 
 __version__ = "0.1.0"
 

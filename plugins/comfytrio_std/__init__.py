@@ -1,1 +1,79 @@
-"""The standard param types and asset resolvers of comfytrio."""
+"""The standard plugin of comfytrio (entry point ``std``): param types and asset resolvers.
+
+Param types: ``integer``, ``string``, ``float``, ``boolean``, ``seed`` and ``image``.
+Resolvers: ``models`` (every ``ModelRef`` exists), ``lora-downloads`` (missing LoRAs are
+fetched) and ``lora-loaders`` (LoRAs go into the workflow's loader nodes). It also seeds the
+node titled ``K - SEED`` when no param does (``default_params``).
+
+comfytrio's core never imports this package: it is found through its entry point, like any
+third-party plugin. Block it with ``COMFYTRIO_BLOCK_PLUGINS=std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from comfytrio import hookimpl
+from comfytrio.hookspecs import AssetResolver, ParamType
+
+from ._image import DEFAULT_MAX_IMAGE_BYTES, ImageType, image_extension
+from ._loras import LoraDownloads, LoraLoaders, assign_loras
+from ._models import ModelCheck
+from ._params import (
+    DEFAULT_SEED_TITLE,
+    BooleanType,
+    FloatType,
+    IntegerType,
+    SeedType,
+    StringType,
+    default_seed_param,
+)
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "DEFAULT_SEED_TITLE",
+    "BooleanType",
+    "FloatType",
+    "ImageType",
+    "IntegerType",
+    "LoraDownloads",
+    "LoraLoaders",
+    "ModelCheck",
+    "SeedType",
+    "StringType",
+    "assign_loras",
+    "default_params",
+    "image_extension",
+    "register_asset_resolvers",
+    "register_param_types",
+]
+
+
+@hookimpl
+def register_param_types(register: Callable[[ParamType], None]) -> None:
+    """``integer``, ``string``, ``float``, ``boolean``, ``seed`` and ``image``."""
+    for param_type in (
+        IntegerType(),
+        StringType(),
+        FloatType(),
+        BooleanType(),
+        SeedType(),
+        ImageType(),
+    ):
+        register(param_type)
+
+
+@hookimpl
+def register_asset_resolvers(register: Callable[[AssetResolver], None]) -> None:
+    """``models``, ``lora-downloads`` and ``lora-loaders``."""
+    for resolver in (ModelCheck(), LoraDownloads(), LoraLoaders()):
+        register(resolver)
+
+
+@hookimpl
+def default_params(
+    workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+) -> Mapping[str, Mapping[str, Any]] | None:
+    """A ``seed`` param for the node titled ``K - SEED`` when no param of the caller sets it."""
+    return default_seed_param(workflow, params)

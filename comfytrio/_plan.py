@@ -1,0 +1,276 @@
+"""Planning a job: validate params, prepare them and the assets once, build every shard.
+
+``plan_job`` knows params, shards and plugins, never what "integer" or "LoRA" means: each
+``type`` goes to its ``ParamType`` plugin, models and LoRAs to the ``AssetResolver`` plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+
+from ._errors import NodeTitleNotFoundError, ParamError, PluginError, UnknownParamTypeError
+from ._plugins import Plugins
+from ._types import LoRARef, ModelRef
+from ._workflow import copy_workflow, node_ids_by_title, titles
+from .hookspecs import (
+    AssetResolver,
+    InstanceTarget,
+    JobContext,
+    Param,
+    ParamType,
+    Shard,
+    run_concurrently,
+)
+
+__all__ = ["MAX_SEED", "JobPlan", "ShardPlan", "plan_job", "validate_params"]
+
+logger = logging.getLogger("comfytrio.plan")
+
+MAX_SEED = 2**64 - 1
+"""The largest seed ComfyUI's samplers accept."""
+
+_RANDOM_SEEDS = 999_999
+"""A job seed drawn at random is below this (the seed library's range, 0..999_998)."""
+
+_RESERVED_KEYS = frozenset({"type", "value", "node_mappings", "gpu_scale"})
+
+
+@attrs.frozen
+class ShardPlan:
+    """One shard of a job: a ready-to-send workflow and what went into it."""
+
+    index: int
+    """Its index among the job's ``shard_count`` shards (shards with a zero share are
+    dropped, so indexes may stop short of ``shard_count``)."""
+    workflow: dict[str, Any]
+    """Its own copy of the workflow, every param and asset injected."""
+    scaled: dict[str, int]
+    """Its share of every ``gpu_scale`` param, by param name."""
+    seeds: dict[str, int]
+    """The seed given to each seed node, by node title."""
+
+
+@attrs.frozen
+class JobPlan:
+    """A job, planned: its shards and the seed that reproduces them."""
+
+    shards: list[ShardPlan]
+    """The shards to run (only those with a non-zero share of every ``gpu_scale`` param)."""
+    seed: int
+    """The job seed used: pass it again (with the same shard count) to get the same seeds."""
+
+
+def validate_params(
+    plugins: Plugins, workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+) -> list[Param]:
+    """Check every param against its type and the workflow, without I/O.
+
+    The params plugins add (``default_params`` hook: the ``K - SEED`` seed) are checked and
+    returned too, after the caller's.
+
+    Raises ``ParamError`` naming the param: not a dict, no ``type`` or ``node_mappings``, an
+    unknown key, ``gpu_scale`` on a type that cannot split, a value its type refuses;
+    ``UnknownParamTypeError`` listing the known types; ``NodeTitleNotFoundError`` listing the
+    workflow's titles.
+    """
+    if not isinstance(params, Mapping):
+        raise ParamError("params", f"must be a dict of dicts, got {type(params).__name__}")
+    types = plugins.param_types()
+    extra = plugins.default_params(workflow, params)
+    checked: list[Param] = []
+    owner_of_title: dict[str, str] = {}
+    for name, entry in [*params.items(), *extra.items()]:
+        param = _parse(name, entry, workflow, types)
+        for title in param.titles:
+            if title in owner_of_title:
+                raise ParamError(
+                    name, f"node title {title!r} already gets param {owner_of_title[title]!r}"
+                )
+            owner_of_title[title] = name
+        checked.append(param)
+    return checked
+
+
+def _parse(
+    name: object, entry: object, workflow: Mapping[str, Any], types: Mapping[str, ParamType]
+) -> Param:
+    if not isinstance(name, str):
+        raise ParamError(repr(name), "param names must be strings")
+    if not isinstance(entry, Mapping):
+        raise ParamError(
+            name,
+            f"must be a dict with 'type', 'value' and 'node_mappings', got {type(entry).__name__}",
+        )
+    type_name = entry.get("type")
+    if not isinstance(type_name, str):
+        raise ParamError(name, "needs a 'type' (a string)")
+    param_type = types.get(type_name)
+    if param_type is None:
+        raise UnknownParamTypeError(name, type_name, list(types))
+    unknown = sorted(str(k) for k in entry if k not in _RESERVED_KEYS | param_type.options)
+    if unknown:
+        allowed = sorted(_RESERVED_KEYS | param_type.options)
+        raise ParamError(
+            name,
+            f"unknown key(s) {', '.join(map(repr, unknown))}; a {type_name!r} param "
+            f"takes {', '.join(map(repr, allowed))}",
+        )
+    mappings = entry.get("node_mappings")
+    if isinstance(mappings, str):
+        wanted: tuple[str, ...] = (mappings,)
+    elif isinstance(mappings, Sequence) and mappings and all(isinstance(t, str) for t in mappings):
+        wanted = tuple(mappings)
+    else:
+        raise ParamError(name, "needs 'node_mappings': a node title (or a list of titles)")
+    node_ids: list[str] = []
+    for title in wanted:
+        found = node_ids_by_title(workflow, title)
+        if not found:
+            raise NodeTitleNotFoundError(name, title, titles(workflow))
+        node_ids.extend(found)
+    gpu_scale = entry.get("gpu_scale", False)
+    if not isinstance(gpu_scale, bool):
+        raise ParamError(name, f"'gpu_scale' must be true or false, got {gpu_scale!r}")
+    if gpu_scale and not param_type.scalable:
+        raise ParamError(name, f"a {type_name!r} param cannot be split with 'gpu_scale'")
+    param = Param(
+        name=name,
+        type=type_name,
+        value=entry.get("value"),
+        titles=wanted,
+        node_ids=tuple(node_ids),
+        gpu_scale=gpu_scale,
+        options={k: v for k, v in entry.items() if k not in _RESERVED_KEYS},
+    )
+    param_type.validate(param)
+    return param
+
+
+def _job_seed(seed: int | None) -> int:
+    if seed is None:
+        return secrets.randbelow(_RANDOM_SEEDS)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
+
+async def plan_job(
+    plugins: Plugins,
+    workflow: Mapping[str, Any],
+    *,
+    params: Mapping[str, Mapping[str, Any]],
+    models: Sequence[ModelRef],
+    loras: Sequence[LoRARef],
+    targets: Sequence[InstanceTarget],
+    shard_count: int,
+    models_path: Path | None,
+    http: httpx.AsyncClient,
+    seed: int | None = None,
+) -> JobPlan:
+    """Validate, prepare and split one job into the workflows of its shards.
+
+    In order: every param is validated and every resolver checks the job (no I/O yet); then,
+    concurrently, each param is prepared once (images fetched, written or uploaded to every
+    target) and each resolver resolves (models checked, LoRAs downloaded); then each shard
+    gets its own copy of ``workflow`` (never changed) with its values injected. A shard is
+    kept only when its share of every ``gpu_scale`` param is above zero; without such a
+    param there are ``shard_count`` shards. ``seed`` None draws a job seed (reported in
+    ``JobPlan.seed``).
+
+    Raises ``ParamError`` and its subclasses, ``UnsafeNameError``, ``ModelNotFoundError``,
+    ``DownloadError``, ``PluginError`` (a plugin broke its contract), ``ValueError`` (a bad
+    ``shard_count`` or ``seed``).
+    """
+    if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
+        raise ValueError(f"shard_count must be a positive integer, got {shard_count!r}")
+    job_seed = _job_seed(seed)
+    checked = validate_params(plugins, workflow, params)
+    types = plugins.param_types()
+    resolvers = plugins.asset_resolvers()
+    job = JobContext(
+        workflow=workflow,
+        params={p.name: p for p in checked},
+        models=tuple(models),
+        loras=tuple(loras),
+        targets=tuple(targets),
+        shard_count=shard_count,
+        models_path=models_path,
+        seed=job_seed,
+        http=http,
+        downloader=plugins.downloader,
+    )
+    for resolver in resolvers:
+        resolver.check(job)
+
+    prepared: dict[str, Any] = {}
+
+    def preparer(param: Param) -> Callable[[], Awaitable[None]]:
+        async def prepare() -> None:
+            prepared[param.name] = await types[param.type].prepare(param, job)
+
+        return prepare
+
+    def resolving(resolver: AssetResolver) -> Callable[[], Awaitable[None]]:
+        return lambda: resolver.resolve(job)
+
+    await run_concurrently([preparer(p) for p in checked] + [resolving(r) for r in resolvers])
+
+    shares: dict[str, list[int]] = {}
+    for param in checked:
+        if param.gpu_scale:
+            shares[param.name] = _split(types[param.type], param, prepared[param.name], shard_count)
+    kept = [i for i in range(shard_count) if all(s[i] > 0 for s in shares.values())]
+    dropped = {
+        name: sum(s[i] for i in range(shard_count) if i not in kept) for name, s in shares.items()
+    }
+    for name, lost in dropped.items():
+        if lost:
+            logger.warning(
+                "param %r: %d of its total are dropped, because another gpu_scale "
+                "param gives those shards nothing",
+                name,
+                lost,
+            )
+
+    shards: list[ShardPlan] = []
+    for index in kept:
+        shard = Shard(index=index, count=shard_count, job_seed=job_seed)
+        shard_workflow = copy_workflow(workflow)
+        scaled: dict[str, int] = {}
+        seeds: dict[str, int] = {}
+        for param in checked:
+            param_type = types[param.type]
+            value: Any
+            if param.gpu_scale:
+                value = scaled[param.name] = shares[param.name][index]
+            else:
+                value = param_type.shard_value(param, prepared[param.name], shard)
+            for node_id in param.node_ids:
+                param_type.inject(shard_workflow[node_id], value, param)
+            if param_type.reports_seed:
+                for title in param.titles:
+                    seeds[title] = int(value)
+        for resolver in resolvers:
+            resolver.inject(shard_workflow, job)
+        shards.append(ShardPlan(index=index, workflow=shard_workflow, scaled=scaled, seeds=seeds))
+    logger.debug("planned %d shard(s) of %d, job seed %d", len(shards), shard_count, job_seed)
+    return JobPlan(shards=shards, seed=job_seed)
+
+
+def _split(param_type: ParamType, param: Param, prepared: Any, count: int) -> list[int]:
+    shares = param_type.split(param, prepared, count)
+    if len(shares) != count or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shares
+    ):
+        raise PluginError(
+            f"param type {param_type.name!r} split param {param.name!r} into {shares!r}, "
+            f"not {count} non-negative integers"
+        )
+    return list(shares)

@@ -1,0 +1,217 @@
+"""The plugin manager: a factory (no import-time global) and a typed wrapper over its hooks.
+
+Every plugin, the standard ones (entry point ``std``) included, comes in through the
+``comfytrio`` entry-point group and ``pm.register``; the core never imports a plugin. Only
+this module calls the untyped ``pm.hook`` relay.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
+from ._errors import PluginError
+from .hookspecs import AssetResolver, ParamType
+
+__all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "Plugins", "make_plugin_manager"]
+
+logger = logging.getLogger("comfytrio.plugins")
+
+ENTRY_POINT_GROUP = "comfytrio"
+"""The entry-point group plugins declare themselves in."""
+
+BLOCK_ENV_VAR = "COMFYTRIO_BLOCK_PLUGINS"
+"""Comma-separated plugin names never to load (``COMFYTRIO_BLOCK_PLUGINS=example,std``)."""
+
+_PARAM_TYPE_METHODS = ("validate", "prepare", "split", "shard_value", "inject")
+_RESOLVER_METHODS = ("check", "resolve", "inject")
+
+
+def _env_blocked() -> set[str]:
+    raw = os.environ.get(BLOCK_ENV_VAR, "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def make_plugin_manager(
+    *,
+    entrypoints: bool = True,
+    blocked: Iterable[str] | None = None,
+    max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+) -> Plugins:
+    """Make a fresh plugin manager (each call is independent: tests get their own).
+
+    ``entrypoints``: load every plugin of the ``comfytrio`` entry-point group (the standard
+    ``std`` plugin is one of them); False gives an empty manager to ``register`` into.
+    ``blocked``: plugin names never to load, added to those of ``COMFYTRIO_BLOCK_PLUGINS``.
+    ``max_download_bytes``: the default size cap of the downloader plugins use.
+
+    Raises ``PluginError``: two entry points with one name, a plugin that fails to import,
+    an unknown hook (``check_pending``), a param type or resolver name registered twice.
+    """
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    for name in _env_blocked() | set(blocked or ()):
+        manager.set_blocked(name)
+    plugins = Plugins(manager, Downloader(max_bytes=max_download_bytes))
+    if entrypoints:
+        plugins.load_entrypoints()
+    plugins.refresh()
+    return plugins
+
+
+class Plugins:
+    """The plugins of one api, with typed access to every hook.
+
+    Registry hooks are called once (and again after ``register``/``unregister``), so the
+    registered objects and the ``downloader`` live as long as this object.
+    """
+
+    def __init__(self, manager: pluggy.PluginManager, downloader: Downloader) -> None:
+        self.manager = manager
+        """The underlying pluggy manager (call hooks through this class, not its relay)."""
+        self.downloader = downloader
+        """The downloader every job of this manager shares (single-flight per file)."""
+        self._param_types: dict[str, ParamType] = {}
+        self._resolvers: dict[str, AssetResolver] = {}
+
+    # ------------------------------------------------------------------ registration
+
+    def load_entrypoints(self) -> list[str]:
+        """Register every plugin of the ``comfytrio`` entry-point group that is not blocked;
+        return their names. Raises ``PluginError`` for two entry points with one name or a
+        plugin that fails to import."""
+        loaded: list[str] = []
+        seen: dict[str, str] = {}
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            if ep.name in seen:
+                raise PluginError(
+                    f"two plugins are named {ep.name!r}: one from {seen[ep.name]}, one from {dist}"
+                )
+            seen[ep.name] = dist
+            if self.manager.is_blocked(ep.name):
+                logger.info("plugin %s (%s) is blocked", ep.name, dist)
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(f"plugin {ep.name!r} ({dist}) failed to import: {exc!r}") from exc
+            self._register(plugin, ep.name)
+            logger.debug("plugin %s loaded from %s (%s)", ep.name, ep.value, dist)
+            loaded.append(ep.name)
+        return loaded
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a plugin (a module or an object with hook implementations) by hand,
+        through the same path as entry points, then rebuild the registries.
+
+        Raises ``PluginError`` (and leaves the manager as it was): a name already in use or
+        blocked, an unknown hook, a param type or resolver name registered twice.
+        """
+        registered = self._register(plugin, name)
+        try:
+            self.refresh()
+        except PluginError:
+            self.manager.unregister(name=registered)
+            self.refresh()
+            raise
+
+    def unregister(self, name: str) -> None:
+        """Remove the plugin registered as ``name`` and rebuild the registries."""
+        self.manager.unregister(name=name)
+        self.refresh()
+
+    def _register(self, plugin: object, name: str | None) -> str:
+        if name is not None and self.manager.is_blocked(name):
+            raise PluginError(f"plugin {name!r} is blocked")
+        try:
+            registered = self.manager.register(plugin, name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from exc
+        if registered is None:  # pragma: no cover - blocked between the check and here
+            raise PluginError(f"plugin {name!r} is blocked")
+        return registered
+
+    def names(self) -> list[str]:
+        """The names of the registered plugins, sorted."""
+        return sorted(name for name, plugin in self.manager.list_name_plugin() if plugin)
+
+    def refresh(self) -> None:
+        """Check every hook implementation (``check_pending``) and rebuild the registries.
+
+        Raises ``PluginError`` for an implementation of an unknown hook, or a name
+        registered twice.
+        """
+        try:
+            self.manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+        self._param_types = self._collect("register_param_types", "param type", _PARAM_TYPE_METHODS)
+        self._resolvers = self._collect(
+            "register_asset_resolvers", "asset resolver", _RESOLVER_METHODS
+        )
+
+    def _collect(self, hook_name: str, what: str, methods: tuple[str, ...]) -> dict[str, Any]:
+        # Each implementation is called on its own so that an error names its plugin.
+        found: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        caller = getattr(self.manager.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's call order
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            plugin_name = impl.plugin_name
+
+            def register(obj: Any, plugin_name: str = plugin_name) -> None:
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(
+                        f"plugin {plugin_name!r} registered a {what} without a name: {obj!r}"
+                    )
+                missing = [m for m in methods if not callable(getattr(obj, m, None))]
+                if missing:
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: {what} {name!r} lacks {', '.join(missing)}"
+                    )
+                if name in found:
+                    raise PluginError(
+                        f"{what} {name!r} is registered twice: by plugin {owners[name]!r} "
+                        f"and by plugin {plugin_name!r}"
+                    )
+                found[name] = obj
+                owners[name] = plugin_name
+
+            arguments = {"register": register}
+            impl.function(*[arguments[arg] for arg in impl.argnames])
+        return found
+
+    # ------------------------------------------------------------------ typed hooks
+
+    def param_types(self) -> Mapping[str, ParamType]:
+        """Every registered param type, by ``type`` name."""
+        return dict(self._param_types)
+
+    def asset_resolvers(self) -> list[AssetResolver]:
+        """Every registered asset resolver, in hook call order (the last plugin first)."""
+        return list(self._resolvers.values())
+
+    def default_params(
+        self, workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Mapping[str, Any]]:
+        """The params plugins add to a job (``default_params`` hook), minus the names the
+        caller already uses. The first plugin to give a name wins."""
+        extra: dict[str, Mapping[str, Any]] = {}
+        results: list[Mapping[str, Mapping[str, Any]] | None] = self.manager.hook.default_params(
+            workflow=workflow, params=params
+        )
+        for result in results:
+            for name, entry in (result or {}).items():
+                if name not in params and name not in extra:
+                    extra[name] = entry
+        return extra

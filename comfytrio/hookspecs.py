@@ -1,0 +1,352 @@
+"""The plugin API of comfytrio: every hook, and what plugins register through them.
+
+A plugin is a module (or any object) with functions marked ``@comfytrio.hookimpl`` whose names
+are hooks below, made known through the ``comfytrio`` entry-point group::
+
+    [project.entry-points.comfytrio]
+    example = "comfytrio_example"
+
+Hooks are synchronous. The registry hooks take a ``register`` callback and register objects
+(``ParamType``, ``AssetResolver``) whose methods are ``async`` where they do I/O. The
+standard types and resolvers (``plugins/comfytrio_std``, entry point ``std``) use exactly
+this API. The guide with examples is ``docs/plugins.md``.
+
+How a job uses them (``plan_job``):
+
+1. ``default_params`` adds params the caller did not give (the ``K - SEED`` seed).
+2. Every param: its ``ParamType.validate``; every resolver: ``AssetResolver.check``. No I/O
+   has happened yet, so a bad param never downloads anything.
+3. Concurrently: ``ParamType.prepare`` once per param, ``AssetResolver.resolve`` once per
+   resolver (downloads, uploads, model checks).
+4. Per shard: ``ParamType.split`` (``gpu_scale``), ``ParamType.shard_value``,
+   ``ParamType.inject`` into each mapped node, then ``AssetResolver.inject``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import attrs
+import httpx
+import pluggy
+import trio
+
+from ._download import Downloader, check_download_url, check_sha256, safe_join
+from ._errors import ComfyAPIError, ParamError
+from ._scheduler import distribute
+from ._types import LoRARef, ModelRef
+
+__all__ = [
+    "AssetResolver",
+    "BaseAssetResolver",
+    "BaseParamType",
+    "Downloader",
+    "InstanceTarget",
+    "JobContext",
+    "Param",
+    "ParamType",
+    "Shard",
+    "check_download_url",
+    "check_sha256",
+    "default_params",
+    "hookimpl",
+    "hookspec",
+    "register_asset_resolvers",
+    "register_param_types",
+    "run_concurrently",
+    "safe_join",
+]
+
+hookspec = pluggy.HookspecMarker("comfytrio")
+"""Marks the hook specifications below (for comfytrio itself)."""
+
+hookimpl = pluggy.HookimplMarker("comfytrio")
+"""Marks a plugin's implementation of a hook: ``@comfytrio.hookimpl``."""
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class InstanceTarget(Protocol):
+    """One ComfyUI server a job's shards may run on, as plugins see it.
+
+    The orchestrator implements it; a param type uses it to place input files. ``name`` and
+    ``input_dir`` may be plain attributes or read-only properties.
+    """
+
+    @property
+    def name(self) -> str:
+        """A short name for logs and errors, e.g. ``127.0.0.1:8188``."""
+        ...
+
+    @property
+    def input_dir(self) -> Path | None:
+        """The server's input folder on this machine, to write files into; None when remote."""
+        ...
+
+    async def upload_image(self, filename: str, data: bytes) -> str:
+        """Upload ``data`` as ``filename`` (``POST /upload/image``); return the value to put
+        into ``LoadImage.inputs.image``."""
+        ...
+
+    async def list_models(self, folder: str) -> list[str]:
+        """The model files the server sees in ``folder`` (``GET /models/{folder}``)."""
+        ...
+
+
+# --------------------------------------------------------------------------- values
+
+
+@attrs.frozen
+class Param:
+    """One validated entry of the ``params`` dict."""
+
+    name: str
+    """Its key in the ``params`` dict (errors name it)."""
+    type: str
+    """Its ``type`` (the name of the ``ParamType`` that handles it)."""
+    value: Any
+    """Its ``value`` as given (None when the entry has no ``value``)."""
+    titles: tuple[str, ...]
+    """Its ``node_mappings``: the node titles it goes into (a string gives one)."""
+    node_ids: tuple[str, ...]
+    """The ids of every node whose ``_meta.title`` is one of ``titles``."""
+    gpu_scale: bool = False
+    """True when the value is split over the shards."""
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    """The entry's other keys (only those the type lists in ``options``)."""
+
+
+@attrs.frozen
+class Shard:
+    """Which shard a value is for."""
+
+    index: int
+    """Its index, from 0."""
+    count: int
+    """How many shards the job was split into (zero shares included)."""
+    job_seed: int
+    """The job's seed (``JobPlan.seed``): derive randomness from it to stay reproducible."""
+
+
+@attrs.frozen(eq=False)
+class JobContext:
+    """What a job asks for and where it runs: handed to every param type and resolver.
+
+    Read it; never change ``workflow`` (shards get their own copies).
+    """
+
+    workflow: Mapping[str, Any]
+    """The caller's workflow (API format)."""
+    params: Mapping[str, Param]
+    """Every validated param, the defaults included, by name."""
+    models: tuple[ModelRef, ...]
+    """The models the job needs."""
+    loras: tuple[LoRARef, ...]
+    """The LoRAs the job needs."""
+    targets: tuple[InstanceTarget, ...]
+    """Every server that may run a shard (input files go to all of them)."""
+    shard_count: int
+    """How many shards the job is split into."""
+    models_path: Path | None
+    """The local models root; None when every target is remote."""
+    seed: int
+    """The job seed (reported in ``JobPlan.seed``)."""
+    http: httpx.AsyncClient
+    """The api's shared HTTP client."""
+    downloader: Downloader
+    """The api's downloader (single-flight, capped, atomic)."""
+
+    async def download(
+        self, url: str, dest: Path, *, sha256: str | None = None, max_bytes: int | None = None
+    ) -> bool:
+        """``Downloader.download`` with the job's client: fetch ``url`` into ``dest`` unless
+        present; True when fetched. Raises ``DownloadError``."""
+        return await self.downloader.download(
+            self.http, url, dest, sha256=sha256, max_bytes=max_bytes
+        )
+
+    async def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
+        """``Downloader.fetch`` with the job's client: the body of ``url``, capped.
+        Raises ``DownloadError``."""
+        return await self.downloader.fetch(self.http, url, max_bytes=max_bytes)
+
+
+# --------------------------------------------------------------------------- param types
+
+
+class ParamType(Protocol):
+    """Handles the params whose ``type`` is ``name``: validate, prepare, split, inject.
+
+    Subclass ``BaseParamType`` rather than writing one from scratch.
+    """
+
+    name: str
+    """The ``type`` value this handles (``"integer"``); unique among all plugins."""
+    options: frozenset[str]
+    """Keys a param entry may have besides ``type``, ``value``, ``node_mappings`` and
+    ``gpu_scale``."""
+    scalable: bool
+    """True when ``gpu_scale`` is allowed."""
+    reports_seed: bool
+    """True when the values are seeds: the plan reports them in ``ShardPlan.seeds``."""
+
+    def validate(self, param: Param) -> None:
+        """Check the value, without I/O; raise ``ParamError(param.name, ...)``."""
+        ...
+
+    async def prepare(self, param: Param, job: JobContext) -> Any:
+        """Once per job: do the I/O the value needs; return the prepared value."""
+        ...
+
+    def split(self, param: Param, prepared: Any, count: int) -> list[int]:
+        """For ``gpu_scale``: one share per shard (``count`` of them, none negative)."""
+        ...
+
+    def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
+        """The value one shard gets (when ``gpu_scale`` is off)."""
+        ...
+
+    def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
+        """Put ``value`` into one node of a shard's workflow (a copy: change it freely)."""
+        ...
+
+
+class BaseParamType:
+    """A ``ParamType`` whose value goes as is into ``inputs[input_name]`` of every mapped
+    node. Override what differs; ``validate`` should call ``super().validate(param)``.
+    """
+
+    name: str
+    """The ``type`` value this handles."""
+    input_name: ClassVar[str] = "value"
+    """The node input that receives the value."""
+    options: frozenset[str] = frozenset()
+    """Extra keys a param entry may have."""
+    scalable: bool = False
+    """True when ``gpu_scale`` is allowed (the shares then come from ``split``)."""
+    reports_seed: bool = False
+    """True when the values are seeds."""
+    value_required: ClassVar[bool] = True
+    """When True, an entry without ``value`` (or with None) is refused."""
+
+    def validate(self, param: Param) -> None:
+        """Refuse a missing value when ``value_required``."""
+        if self.value_required and param.value is None:
+            raise ParamError(param.name, f"a {self.name!r} param needs a 'value'")
+
+    async def prepare(self, param: Param, job: JobContext) -> Any:
+        """No I/O: the value as given."""
+        return param.value
+
+    def split(self, param: Param, prepared: Any, count: int) -> list[int]:
+        """``distribute(prepared, count)``: the larger shares first, summing to the value."""
+        return distribute(int(prepared), count)
+
+    def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
+        """The same value for every shard."""
+        return prepared
+
+    def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
+        """``node["inputs"][input_name] = value``."""
+        node.setdefault("inputs", {})[self.input_name] = value
+
+
+# --------------------------------------------------------------------------- resolvers
+
+
+class AssetResolver(Protocol):
+    """Makes sure the files a job needs are there (models, LoRAs), and may edit each shard's
+    workflow to use them. Subclass ``BaseAssetResolver``.
+    """
+
+    name: str
+    """A unique name among all plugins (``"models"``)."""
+
+    def check(self, job: JobContext) -> None:
+        """Before any I/O: refuse what can never work (unsafe names, bad URLs)."""
+        ...
+
+    async def resolve(self, job: JobContext) -> None:
+        """Once per job: check, download, upload. Raise a ``ComfyAPIError``."""
+        ...
+
+    def inject(self, workflow: dict[str, Any], job: JobContext) -> None:
+        """Edit one shard's workflow (a copy: change it freely)."""
+        ...
+
+
+class BaseAssetResolver:
+    """An ``AssetResolver`` that does nothing: override the steps you need."""
+
+    name: str
+    """A unique name among all plugins."""
+
+    def check(self, job: JobContext) -> None:
+        """Nothing to check."""
+
+    async def resolve(self, job: JobContext) -> None:
+        """Nothing to fetch."""
+
+    def inject(self, workflow: dict[str, Any], job: JobContext) -> None:
+        """Nothing to change."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def run_concurrently(fns: Iterable[Callable[[], Awaitable[object]]]) -> None:
+    """Run every ``fn()`` at once in a trio nursery; on the first ``ComfyAPIError``, cancel
+    the others and raise it (not an exception group), with any other such errors that
+    happened meanwhile in its ``other_errors``. Other exceptions propagate as trio raises
+    them.
+    """
+    errors: list[ComfyAPIError] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(fn: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await fn()
+            except ComfyAPIError as exc:
+                errors.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for fn in fns:
+            nursery.start_soon(run, fn)
+    if errors:
+        first = errors[0]
+        first.other_errors.extend(errors[1:])
+        raise first
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@hookspec
+def register_param_types(register: Callable[[ParamType], None]) -> None:
+    """Register param types: call ``register(param_type)`` once for each.
+
+    A ``type`` name registered twice (by any plugins) raises ``PluginError``.
+    """
+
+
+@hookspec
+def register_asset_resolvers(register: Callable[[AssetResolver], None]) -> None:
+    """Register asset resolvers: call ``register(resolver)`` once for each.
+
+    A resolver name registered twice raises ``PluginError``.
+    """
+
+
+@hookspec
+def default_params(
+    workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+) -> Mapping[str, Mapping[str, Any]] | None:
+    """Params to add to a job the caller did not give, or None.
+
+    ``params`` is what the caller gave; a returned entry whose name the caller already uses is
+    dropped. Entries are validated like the caller's (their errors name them).
+    """

@@ -1,0 +1,166 @@
+"""The scalar param types: ``integer``, ``string``, ``float``, ``boolean`` and ``seed``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from comfytrio import ParamError
+from comfytrio.hookspecs import BaseParamType, Param, Shard
+
+__all__ = [
+    "DEFAULT_SEED_TITLE",
+    "BooleanType",
+    "FloatType",
+    "IntegerType",
+    "SeedType",
+    "StringType",
+    "default_seed_param",
+]
+
+logger = logging.getLogger("comfytrio_std")
+
+DEFAULT_SEED_TITLE = "K - SEED"
+"""The node title the seed library gives a random seed per GPU without being asked."""
+
+MAX_SEED = 2**64 - 1
+"""The largest seed ComfyUI's samplers accept."""
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+class IntegerType(BaseParamType):
+    """``integer``: an ``int`` into ``inputs.value``; ``gpu_scale`` splits it with
+    ``distribute()`` (then it must be at least 1)."""
+
+    name = "integer"
+    scalable = True
+
+    def validate(self, param: Param) -> None:
+        """Refuse anything but an ``int`` (``True`` included), and a split value below 1."""
+        super().validate(param)
+        if isinstance(param.value, bool) or not isinstance(param.value, int):
+            raise ParamError(param.name, f"expects an integer, got {_kind(param.value)}")
+        if param.gpu_scale and param.value < 1:
+            raise ParamError(param.name, f"a gpu_scale value must be at least 1, got {param.value}")
+
+
+class StringType(BaseParamType):
+    """``string``: a ``str`` into ``inputs.value``."""
+
+    name = "string"
+
+    def validate(self, param: Param) -> None:
+        """Refuse anything but a ``str``."""
+        super().validate(param)
+        if not isinstance(param.value, str):
+            raise ParamError(param.name, f"expects a string, got {_kind(param.value)}")
+
+
+class FloatType(BaseParamType):
+    """``float``: a finite number into ``inputs.value`` (an ``int`` becomes a float)."""
+
+    name = "float"
+
+    def validate(self, param: Param) -> None:
+        """Refuse anything but a finite ``int`` or ``float``."""
+        super().validate(param)
+        value = param.value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamError(param.name, f"expects a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise ParamError(param.name, f"expects a finite number, got {value!r}")
+
+    def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
+        """The value as a ``float``."""
+        return float(prepared)
+
+
+class BooleanType(BaseParamType):
+    """``boolean``: ``True`` or ``False`` into ``inputs.value``."""
+
+    name = "boolean"
+
+    def validate(self, param: Param) -> None:
+        """Refuse anything but a ``bool`` (``1`` and ``"true"`` included)."""
+        super().validate(param)
+        if not isinstance(param.value, bool):
+            raise ParamError(param.name, f"expects true or false, got {_kind(param.value)}")
+
+
+class SeedType(BaseParamType):
+    """``seed``: a distinct seed per shard, reported in ``ShardPlan.seeds``.
+
+    Shard ``i`` gets ``value + i``; without a value, ``job_seed + i``. So a split batch never
+    repeats an image, a one-shard job with ``value: 42`` uses exactly 42, and giving the
+    job seed again (with as many shards) reproduces every seed. Goes into ``inputs.value``,
+    or ``inputs.seed`` / ``inputs.noise_seed`` of a sampler node that has no ``value``.
+    """
+
+    name = "seed"
+    reports_seed = True
+    value_required = False
+
+    def validate(self, param: Param) -> None:
+        """Refuse a value that is not an integer from 0 to 2**64 - 1 (None is fine)."""
+        value = param.value
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(param.name, f"expects an integer seed, got {_kind(value)}")
+        if not 0 <= value <= MAX_SEED:
+            raise ParamError(param.name, f"a seed must be from 0 to {MAX_SEED}, got {value}")
+
+    def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
+        """``(value or job seed) + shard index``, wrapped to stay a valid seed."""
+        base = shard.job_seed if prepared is None else int(prepared)
+        return (base + shard.index) % (MAX_SEED + 1)
+
+    def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
+        """Into ``value``; else into a sampler's ``seed`` or ``noise_seed``."""
+        inputs = node.setdefault("inputs", {})
+        for name in ("seed", "noise_seed"):
+            if "value" not in inputs and name in inputs:
+                inputs[name] = value
+                return
+        inputs["value"] = value
+
+
+def _title(node: object) -> object:
+    if isinstance(node, Mapping):
+        meta = node.get("_meta")
+        if isinstance(meta, Mapping):
+            return meta.get("title")
+    return None
+
+
+def default_seed_param(
+    workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Mapping[str, Any]] | None:
+    """A ``seed`` param for the node titled ``K - SEED`` when the workflow has one and no
+    param of the caller goes there (the seed library seeds it at random per GPU)."""
+    if not any(_title(node) == DEFAULT_SEED_TITLE for node in workflow.values()):
+        return None
+    for entry in params.values():
+        if not isinstance(entry, Mapping):
+            continue
+        mappings = entry.get("node_mappings")
+        targets = (
+            [mappings]
+            if isinstance(mappings, str)
+            else (list(mappings) if isinstance(mappings, list | tuple) else [])
+        )
+        if DEFAULT_SEED_TITLE in targets:
+            if entry.get("type") != "seed":
+                logger.warning(
+                    "a %r param sets %r: every shard gets the same value, so a split batch "
+                    "repeats its images (type 'seed' gives each shard its own)",
+                    entry.get("type"),
+                    DEFAULT_SEED_TITLE,
+                )
+            return None
+    return {DEFAULT_SEED_TITLE: {"type": "seed", "node_mappings": DEFAULT_SEED_TITLE}}

@@ -1,0 +1,68 @@
+"""An example third-party comfytrio plugin: the ``size`` param type.
+
+``{"type": "size", "value": "832x1216", "node_mappings": "Empty Latent Image"}`` sets
+``inputs.width`` and ``inputs.height`` of the node (an ``EmptyLatentImage``, an
+``EmptyImage``...). The value may also be a ``[width, height]`` pair; both must be positive
+multiples of 8, as latent sizes are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import comfytrio
+from comfytrio.hookspecs import BaseParamType, Param, ParamType, Shard
+
+__all__ = ["SizeType", "parse_size", "register_param_types"]
+
+_SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+
+
+def parse_size(value: Any) -> tuple[int, int] | None:
+    """``"832x1216"`` or ``[832, 1216]`` as ``(832, 1216)``; None when it is neither."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        return (int(match[1]), int(match[2])) if match else None
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return (value[0], value[1])
+    return None
+
+
+class SizeType(BaseParamType):
+    """``size``: ``"WIDTHxHEIGHT"`` into ``inputs.width`` and ``inputs.height``."""
+
+    name = "size"
+
+    def validate(self, param: Param) -> None:
+        """Refuse anything but two positive multiples of 8."""
+        super().validate(param)
+        size = parse_size(param.value)
+        if size is None:
+            raise comfytrio.ParamError(
+                param.name, f"expects 'WIDTHxHEIGHT' or [width, height], got {param.value!r}"
+            )
+        if any(side < 8 or side % 8 for side in size):
+            raise comfytrio.ParamError(
+                param.name, f"width and height must be positive multiples of 8, got {size}"
+            )
+
+    def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
+        """The parsed ``(width, height)``."""
+        return parse_size(prepared)
+
+    def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
+        """``inputs.width, inputs.height = value``."""
+        inputs = node.setdefault("inputs", {})
+        inputs["width"], inputs["height"] = value
+
+
+@comfytrio.hookimpl
+def register_param_types(register: Callable[[ParamType], None]) -> None:
+    """Register ``size``."""
+    register(SizeType())
