@@ -32,8 +32,10 @@ from comfytrio._client import open_comfy_client, wait_server_ready
 
 def _prompt(i: int) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage",
-              "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": i % 16777215}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": i % 16777215},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "lat"}},
     }
 
@@ -59,8 +61,9 @@ async def _websocket_client(url: str, n: int, offset: int) -> tuple[list[float],
     return totals, ends
 
 
-async def _poll_history(url: str, n: int, offset: int, interval: float) -> tuple[list[float],
-                                                                                 list[float]]:
+async def _poll_history(
+    url: str, n: int, offset: int, interval: float
+) -> tuple[list[float], list[float]]:
     totals, ends = [], []
     async with httpx.AsyncClient(base_url=url) as http:
         for i in range(n):
@@ -82,8 +85,10 @@ def _row(name: str, totals: list[float], ends: list[float]) -> str:
     def p(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
-    return (f"| {name:<34} | {statistics.median(totals):9.1f} | {p(totals, 0.9):9.1f} | "
-            f"{statistics.median(ends):9.1f} | {p(ends, 0.9):9.1f} |")
+    return (
+        f"| {name:<34} | {statistics.median(totals):9.1f} | {p(totals, 0.9):9.1f} | "
+        f"{statistics.median(ends):9.1f} | {p(ends, 0.9):9.1f} |"
+    )
 
 
 def _free_port() -> int:
@@ -103,9 +108,10 @@ async def main() -> None:
     if url is None:
         port = _free_port()
         root = tempfile.mkdtemp(prefix="comfytrio-bench-")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "comfytrio", "fake-server", "--port", str(port),
-             "--root", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "comfytrio", "fake-server", "--port", str(port), "--root", root],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
     try:
@@ -116,7 +122,8 @@ async def main() -> None:
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
-            proc.wait(10)
+            with trio.fail_after(10):
+                await proc.wait()
     server = "fake ComfyUI (comfytrio fake-server)" if args.url is None else args.url
     print(f"server: {server}; python {sys.version.split()[0]}; pid {os.getpid()}")
     print("| client                             | POST->done p50 | p90 | end seen p50 | p90 |")

@@ -2,4 +2,4 @@
 
 from ._cli import main
 
-main()
+raise SystemExit(main())

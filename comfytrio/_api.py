@@ -105,19 +105,28 @@ class ComfyAPI:
         self, given: Sequence[ComfyUIInstance | RemoteComfyUI | str]
     ) -> list[Instance]:
         local = [i for i in given if isinstance(i, ComfyUIInstance)]
-        remote = [RemoteComfyUI(i) if isinstance(i, str) else i
-                  for i in given if not isinstance(i, ComfyUIInstance)]
+        remote = [
+            RemoteComfyUI(i) if isinstance(i, str) else i
+            for i in given
+            if not isinstance(i, ComfyUIInstance)
+        ]
         if self.gpu.cuda_available:
             active = local[: self.gpu.device_count]
             if len(local) < self.gpu.device_count:
                 unused = list(range(len(local), self.gpu.device_count))
-                logger.warning("%d GPU(s) found but only %d local instance(s) given: "
-                               "GPU(s) %s stay unused", self.gpu.device_count, len(local),
-                               unused)
+                logger.warning(
+                    "%d GPU(s) found but only %d local instance(s) given: GPU(s) %s stay unused",
+                    self.gpu.device_count,
+                    len(local),
+                    unused,
+                )
             if len(local) > self.gpu.device_count:
-                logger.warning("%d local instance(s) given but only %d GPU(s): ports %s "
-                               "are not used", len(local), self.gpu.device_count,
-                               [i.port for i in local[self.gpu.device_count:]])
+                logger.warning(
+                    "%d local instance(s) given but only %d GPU(s): ports %s are not used",
+                    len(local),
+                    self.gpu.device_count,
+                    [i.port for i in local[self.gpu.device_count :]],
+                )
         else:
             count = self.gpu.device_count or len(local)
             active = local[:count]
@@ -129,19 +138,34 @@ class ComfyAPI:
             if self.auto_start:
                 root = (self._state_dir or Path(spec.path).resolve() / "comfytrio") / str(spec.port)
                 launch = LaunchSpec(
-                    name=name, comfyui_path=Path(spec.path).resolve(), port=spec.port,
-                    dirs=InstanceDirs(root), python=spec.python or LaunchSpec.python,
+                    name=name,
+                    comfyui_path=Path(spec.path).resolve(),
+                    port=spec.port,
+                    dirs=InstanceDirs(root),
+                    python=spec.python or LaunchSpec.python,
                     cpu=not self.gpu.cuda_available,
                     cuda_device=index if self.gpu.cuda_available else None,
-                    models_path=self.models_path, extra_args=spec.extra_args,
-                    ready_timeout=self.ready_timeout, grace=self._grace, env=self._env,
+                    models_path=self.models_path,
+                    extra_args=spec.extra_args,
+                    ready_timeout=self.ready_timeout,
+                    grace=self._grace,
+                    env=self._env,
                 )
-                built.append(Instance(index, name, spec.base_url, launch=launch,
-                                      ready_timeout=self.ready_timeout))
+                built.append(
+                    Instance(
+                        index, name, spec.base_url, launch=launch, ready_timeout=self.ready_timeout
+                    )
+                )
             else:
-                built.append(Instance(index, name, spec.base_url,
-                                      comfyui_path=Path(spec.path).resolve(),
-                                      ready_timeout=self.ready_timeout))
+                built.append(
+                    Instance(
+                        index,
+                        name,
+                        spec.base_url,
+                        comfyui_path=Path(spec.path).resolve(),
+                        ready_timeout=self.ready_timeout,
+                    )
+                )
         for server in remote:
             url = server.url.rstrip("/")
             name = server.name or re.sub(r"^https?://", "", url)
@@ -154,8 +178,9 @@ class ComfyAPI:
     async def _open(self) -> AsyncIterator[ComfyAPI]:
         if self._plugins is None:
             self._plugins = make_plugin_manager()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0),
-                                     follow_redirects=True) as http:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True
+        ) as http:
             self._http = http
             async with trio.open_nursery() as nursery:
                 try:
@@ -181,7 +206,9 @@ class ComfyAPI:
         return await self._cm.__aenter__()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
         """Stop every process we started (SIGTERM, grace, SIGKILL) and close connections."""
@@ -237,13 +264,18 @@ class ComfyAPI:
         if not ready:
             raise ComfyAPIError("no ComfyUI instance is ready to run the job")
         plan: JobPlan = await plan_job(
-            self._plugins, workflow, params=params or {}, models=models, loras=loras,
-            targets=ready, shard_count=len(ready),
+            self._plugins,
+            workflow,
+            params=params or {},
+            models=models,
+            loras=loras,
+            targets=ready,
+            shard_count=len(ready),
             models_path=self.models_path if any(i.owned or i.is_local for i in ready) else None,
-            http=self._http, seed=seed,
+            http=self._http,
+            seed=seed,
         )
-        logger.info("job %s: %d shard(s) on %d instance(s)", job_id, len(plan.shards),
-                    len(ready))
+        logger.info("job %s: %d shard(s) on %d instance(s)", job_id, len(plan.shards), len(ready))
         outputs: dict[int, list[OutputFile]] = {}
         failures: list[ShardFailure] = []
         reports: list[ShardReport] = []
@@ -256,19 +288,27 @@ class ComfyAPI:
             try:
                 prompt = await self._mark_outputs(shard.workflow, instance, job_id)
                 assert instance.client is not None
-                result = await instance.client.run(prompt, prompt_id=prompt_id,
-                                                   timeout=deadline)
+                result = await instance.client.run(prompt, prompt_id=prompt_id, timeout=deadline)
                 outputs[shard.index] = await self._collect(result, instance, job_id)
                 ok = True
             except ComfyAPIError as exc:
-                logger.error("job %s: shard %d failed on %s: %s", job_id, shard.index,
-                             instance.name, exc)
+                logger.error(
+                    "job %s: shard %d failed on %s: %s", job_id, shard.index, instance.name, exc
+                )
                 failures.append(ShardFailure(shard.index, instance.name, prompt_id, exc))
             finally:
-                reports.append(ShardReport(
-                    shard.index, instance.name, prompt_id, dict(shard.scaled),
-                    dict(shard.seeds), submitted, trio.current_time(), ok,
-                ))
+                reports.append(
+                    ShardReport(
+                        shard.index,
+                        instance.name,
+                        prompt_id,
+                        dict(shard.scaled),
+                        dict(shard.seeds),
+                        submitted,
+                        trio.current_time(),
+                        ok,
+                    )
+                )
 
         async with trio.open_nursery() as nursery:
             for shard in plan.shards:
@@ -290,10 +330,19 @@ class ComfyAPI:
                 first.other_errors = [f.error for f in failures[1:]]
             raise first
         if failures:
-            logger.warning("job %s: %d/%d shard(s) failed; returning %d file(s)", job_id,
-                           len(failures), len(plan.shards), len(result.outputs))
-        logger.info("job %s: done, %d file(s) in %.2f s", job_id, len(result.outputs),
-                    result.finished_at - started_at)
+            logger.warning(
+                "job %s: %d/%d shard(s) failed; returning %d file(s)",
+                job_id,
+                len(failures),
+                len(plan.shards),
+                len(result.outputs),
+            )
+        logger.info(
+            "job %s: done, %d file(s) in %.2f s",
+            job_id,
+            len(result.outputs),
+            result.finished_at - started_at,
+        )
         return result
 
     async def _mark_outputs(
@@ -322,18 +371,25 @@ class ComfyAPI:
                 if not dest.is_relative_to(folder):
                     raise UnsafeNameError(f"{ref.subfolder}/{ref.filename}", str(folder))
                 local = await instance.client.download(ref, dest)
-            files.append(OutputFile(
-                path=str(local), instance=instance.name, prompt_id=result.prompt_id,
-                node_id=ref.node_id, filename=ref.filename, subfolder=ref.subfolder,
-                type=ref.type,
-            ))
+            files.append(
+                OutputFile(
+                    path=str(local),
+                    instance=instance.name,
+                    prompt_id=result.prompt_id,
+                    node_id=ref.node_id,
+                    filename=ref.filename,
+                    subfolder=ref.subfolder,
+                    type=ref.type,
+                )
+            )
         return files
 
     def statistics(self) -> dict[str, Any]:
         """Per instance: its state and its client's statistics."""
         return {
-            i.name: {"state": i.state,
-                     "client": i.client.statistics() if i.client is not None else None}
+            i.name: {
+                "state": i.state,
+                "client": i.client.statistics() if i.client is not None else None,
+            }
             for i in self.instances
         }
-

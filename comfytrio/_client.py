@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -45,6 +46,7 @@ from ._errors import (
     PromptVanishedError,
     ServerLostError,
     WorkflowError,
+    single_error,
 )
 from ._events import (
     ComfyEvent,
@@ -254,11 +256,11 @@ class ComfyClient:
     reconnect_timeout: float = 30.0
     """How long the websocket may stay down before in-flight prompts fail with
     ``ServerLostError``."""
+    cancel_timeout: float = 5.0
+    """At most this long is spent removing a cancelled or timed-out prompt from the server."""
 
     _watches: dict[str, _Watch] = attrs.field(factory=dict, init=False)
-    _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(
-        factory=list, init=False
-    )
+    _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(factory=list, init=False)
     _connected: bool = attrs.field(default=False, init=False)
     _connected_event: trio.Event = attrs.field(factory=trio.Event, init=False)
     _queue_remaining: int = attrs.field(default=0, init=False)
@@ -280,12 +282,7 @@ class ComfyClient:
             backoff = 0.05
             while True:
                 try:
-                    async with trio_websocket.open_websocket_url(
-                        _ws_url(self.url, self.client_id),
-                        max_message_size=_MAX_WS_MESSAGE,
-                        connect_timeout=10,
-                        disconnect_timeout=1,
-                    ) as ws:
+                    async with self._open_websocket() as ws:
                         self._ws = ws
                         self._connected = True
                         self._connected_event.set()
@@ -300,12 +297,16 @@ class ComfyClient:
                         down_since = None
                         backoff = 0.05
                         await self._read(ws)
-                except (OSError, trio_websocket.HandshakeError,
-                        trio_websocket.ConnectionClosed) as exc:
+                except (
+                    OSError,
+                    trio.TooSlowError,
+                    trio.BrokenResourceError,
+                    trio_websocket.HandshakeError,
+                    trio_websocket.ConnectionClosed,
+                ) as exc:
                     if first:
-                        raise ServerLostError(
-                            self.name, f"cannot open the websocket: {exc!r}"
-                        ) from exc
+                        why = exc.__cause__ or exc
+                        raise ServerLostError(self.name, f"cannot connect: {why}") from exc
                     logger.warning("%s: websocket lost (%r)", self.name, exc)
                 self._ws = None
                 if self._connected:
@@ -322,6 +323,47 @@ class ComfyClient:
                     )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    @asynccontextmanager
+    async def _open_websocket(self) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """One websocket connection on a TCP stream we own and always close.
+
+        trio-websocket 0.12 does not close its stream after an abnormal closure (1006, what
+        a crashed ComfyUI gives), which would leak one socket per reconnect.
+        """
+        parts = urlsplit(self.url)
+        secure = parts.scheme == "https"
+        port = parts.port or (443 if secure else 80)
+        resource = _ws_url(self.url, self.client_id).split(parts.netloc, 1)[1]
+        with trio.fail_after(10):
+            tcp = await trio.open_tcp_stream(parts.hostname or "", port)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+        try:
+            if secure:
+                stream = trio.SSLStream(
+                    tcp, ssl.create_default_context(), server_hostname=parts.hostname
+                )
+            try:
+                async with trio.open_nursery() as nursery:
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        stream,
+                        parts.netloc,
+                        resource,
+                        max_message_size=_MAX_WS_MESSAGE,
+                    )
+                    try:
+                        yield ws
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                lone = single_error(group)
+                if lone is None:
+                    raise
+                raise lone from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def aclose(self) -> None:
         """Stop the websocket task and close every subscription and the HTTP client."""
@@ -420,8 +462,11 @@ class ComfyClient:
             if subscribed:
                 self._publish(
                     NodeProgress(
-                        self.name, prompt_id, str(data.get("node")),
-                        int(data.get("value", 0)), int(data.get("max", 0)),
+                        self.name,
+                        prompt_id,
+                        str(data.get("node")),
+                        int(data.get("value", 0)),
+                        int(data.get("max", 0)),
                     )
                 )
         elif kind == "executed":
@@ -445,8 +490,9 @@ class ComfyClient:
 
     # ------------------------------------------------------------------ outcomes
 
-    def _settle(self, watch: _Watch, outcome: PromptResult | ComfyAPIError,
-                status: PromptStatus) -> None:
+    def _settle(
+        self, watch: _Watch, outcome: PromptResult | ComfyAPIError, status: PromptStatus
+    ) -> None:
         if watch.done.is_set():
             return
         watch.outcome = outcome
@@ -471,20 +517,31 @@ class ComfyClient:
         cached: tuple[str, ...],
     ) -> None:
         if error is not None:
-            self._settle(watch, ExecutionError(
-                instance=self.name, prompt_id=watch.prompt_id,
-                node_id=_opt_str(error.get("node_id")), node_type=_opt_str(error.get("node_type")),
-                exception_type=str(error.get("exception_type", "")),
-                exception_message=str(error.get("exception_message", "")),
-                traceback=[str(t) for t in error.get("traceback") or ()],
-            ), "error")
+            self._settle(
+                watch,
+                ExecutionError(
+                    instance=self.name,
+                    prompt_id=watch.prompt_id,
+                    node_id=_opt_str(error.get("node_id")),
+                    node_type=_opt_str(error.get("node_type")),
+                    exception_type=str(error.get("exception_type", "")),
+                    exception_message=str(error.get("exception_message", "")),
+                    traceback=[str(t) for t in error.get("traceback") or ()],
+                ),
+                "error",
+            )
         elif interrupted is not None:
-            self._settle(watch, ExecutionInterruptedError(
-                instance=self.name, prompt_id=watch.prompt_id,
-                node_id=_opt_str(interrupted.get("node_id")),
-                node_type=_opt_str(interrupted.get("node_type")),
-                exception_type="interrupted",
-            ), "interrupted")
+            self._settle(
+                watch,
+                ExecutionInterruptedError(
+                    instance=self.name,
+                    prompt_id=watch.prompt_id,
+                    node_id=_opt_str(interrupted.get("node_id")),
+                    node_type=_opt_str(interrupted.get("node_type")),
+                    exception_type="interrupted",
+                ),
+                "interrupted",
+            )
         else:
             result = PromptResult(self.name, watch.prompt_id, dict(outputs), cached)
             self._settle(watch, result, "success")
@@ -528,8 +585,10 @@ class ComfyClient:
                 continue
             now = trio.current_time()
             silent = [
-                w for w in self._watches.values()
-                if w.accepted and not w.done.is_set()
+                w
+                for w in self._watches.values()
+                if w.accepted
+                and not w.done.is_set()
                 and now - w.last_activity > self.silence_timeout
             ]
             if silent:
@@ -555,8 +614,7 @@ class ComfyClient:
                     self._settle_from_history(watch, entry)
                 else:
                     logger.warning("%s: prompt %s vanished", self.name, watch.prompt_id)
-                    self._settle(watch, PromptVanishedError(self.name, watch.prompt_id),
-                                 "vanished")
+                    self._settle(watch, PromptVanishedError(self.name, watch.prompt_id), "vanished")
         except ServerLostError as exc:
             logger.warning("%s: cannot reconcile yet: %s", self.name, exc)
 
@@ -584,8 +642,11 @@ class ComfyClient:
             raise ValueError(f"prompt id {prompt_id} is already in flight on {self.name}")
         watch = _Watch(prompt_id, last_activity=trio.current_time())
         self._watches[prompt_id] = watch
-        body: dict[str, Any] = {"prompt": workflow, "client_id": self.client_id,
-                                "prompt_id": prompt_id}
+        body: dict[str, Any] = {
+            "prompt": workflow,
+            "client_id": self.client_id,
+            "prompt_id": prompt_id,
+        }
         if front:
             body["front"] = True
         if extra_data:
@@ -598,20 +659,23 @@ class ComfyClient:
                 raise _workflow_error(answer, r.status_code, self.name, prompt_id)
             node_errors = answer.get("node_errors") or {}
             if node_errors and not allow_partial:
-                with trio.CancelScope(shield=True):
-                    await self.cancel_prompt(prompt_id)
+                await self._cancel_shielded(prompt_id)
                 raise WorkflowError(
-                    {"type": "outputs_dropped",
-                     "message": "ComfyUI accepted the prompt but dropped invalid outputs"},
-                    node_errors, status_code=200, instance=self.name, prompt_id=prompt_id,
+                    {
+                        "type": "outputs_dropped",
+                        "message": "ComfyUI accepted the prompt but dropped invalid outputs",
+                    },
+                    node_errors,
+                    status_code=200,
+                    instance=self.name,
+                    prompt_id=prompt_id,
                 )
         except BaseException:
             self._watches.pop(prompt_id, None)
             raise
         watch.accepted = True
         watch.last_activity = trio.current_time()
-        logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id,
-                     answer.get("number"))
+        logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id, answer.get("number"))
         return SubmittedPrompt(prompt_id, float(answer.get("number", 0)), node_errors)
 
     async def wait(self, prompt_id: str, *, timeout: float = math.inf) -> PromptResult:
@@ -629,12 +693,13 @@ class ComfyClient:
             with trio.move_on_after(timeout):
                 await watch.done.wait()
             if not watch.done.is_set():
-                with trio.CancelScope(shield=True):
-                    await self.cancel_prompt(prompt_id)
+                await self._cancel_shielded(prompt_id)
                 raise ComfyUITimeoutError(
                     f"ComfyUI {self.name}: prompt {prompt_id} did not finish in {timeout:g} s "
                     "(it was interrupted)",
-                    instance=self.name, prompt_id=prompt_id, timeout=timeout,
+                    instance=self.name,
+                    prompt_id=prompt_id,
+                    timeout=timeout,
                 )
         finally:
             self._watches.pop(prompt_id, None)
@@ -653,16 +718,28 @@ class ComfyClient:
         front: bool = False,
         extra_data: Mapping[str, Any] | None = None,
     ) -> PromptResult:
-        """Submit ``workflow`` and wait for its outputs (``submit`` then ``wait``).
+        """Submit ``workflow`` and wait for its outputs (``submit`` then ``wait``); ``timeout``
+        bounds both.
 
         If the caller is cancelled, the prompt is deleted from the queue or interrupted on
         the server before the cancellation goes on, so it keeps no GPU busy.
         """
         prompt_id = prompt_id or str(uuid.uuid4())
+        deadline = trio.current_time() + timeout
         finished = False
         try:
-            await self.submit(workflow, prompt_id=prompt_id, front=front, extra_data=extra_data)
-            result = await self.wait(prompt_id, timeout=timeout)
+            with trio.move_on_at(deadline) as submitting:
+                await self.submit(workflow, prompt_id=prompt_id, front=front, extra_data=extra_data)
+            if submitting.cancelled_caught:
+                await self._cancel_shielded(prompt_id)  # the POST may have landed
+                raise ComfyUITimeoutError(
+                    f"ComfyUI {self.name}: prompt {prompt_id} could not be submitted in "
+                    f"{timeout:g} s",
+                    instance=self.name,
+                    prompt_id=prompt_id,
+                    timeout=timeout,
+                )
+            result = await self.wait(prompt_id, timeout=max(0.0, deadline - trio.current_time()))
             finished = True
             return result
         except ComfyAPIError:
@@ -670,9 +747,13 @@ class ComfyClient:
             raise
         finally:
             if not finished:
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + 5
-                    await self.cancel_prompt(prompt_id)
+                await self._cancel_shielded(prompt_id)
+
+    async def _cancel_shielded(self, prompt_id: str) -> None:
+        """``cancel_prompt`` even while our caller is being cancelled, bounded in time so a
+        hung server cannot hold the caller forever."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.cancel_timeout):
+            await self.cancel_prompt(prompt_id)
 
     async def cancel_prompt(self, prompt_id: str) -> None:
         """Remove a prompt from the server: delete it if pending, interrupt it if running.
@@ -690,9 +771,16 @@ class ComfyClient:
             logger.warning("%s: could not cancel prompt %s: %s", self.name, prompt_id, exc)
         watch = self._watches.get(prompt_id)
         if watch is not None and watch.outcome is None:
-            self._settle(watch, ExecutionInterruptedError(
-                instance=self.name, prompt_id=prompt_id, node_id=None, node_type=None,
-            ), "cancelled")
+            self._settle(
+                watch,
+                ExecutionInterruptedError(
+                    instance=self.name,
+                    prompt_id=prompt_id,
+                    node_id=None,
+                    node_type=None,
+                ),
+                "cancelled",
+            )
         logger.debug("%s: cancelled prompt %s", self.name, prompt_id)
 
     # ------------------------------------------------------------------ plain HTTP calls
@@ -722,8 +810,9 @@ class ComfyClient:
         if r.status_code == 404:
             return []
         if r.status_code != 200:
-            raise ComfyAPIError(f"ComfyUI {self.name}: GET /models/{folder} answered "
-                                f"HTTP {r.status_code}")
+            raise ComfyAPIError(
+                f"ComfyUI {self.name}: GET /models/{folder} answered HTTP {r.status_code}"
+            )
         return [str(name) for name in r.json()]
 
     async def queue(self) -> dict[str, Any]:
@@ -767,7 +856,12 @@ class ComfyClient:
             )
 
     async def upload_image(
-        self, filename: str, data: bytes, *, subfolder: str = "", overwrite: bool = True,
+        self,
+        filename: str,
+        data: bytes,
+        *,
+        subfolder: str = "",
+        overwrite: bool = True,
         type: str = "input",
     ) -> str:
         """``POST /upload/image``; return the name to put into ``LoadImage.inputs.image``
@@ -776,8 +870,11 @@ class ComfyClient:
             r = await self.http.post(
                 "/upload/image",
                 files={"image": (filename, data, "application/octet-stream")},
-                data={"overwrite": "true" if overwrite else "false", "type": type,
-                      "subfolder": subfolder},
+                data={
+                    "overwrite": "true" if overwrite else "false",
+                    "type": type,
+                    "subfolder": subfolder,
+                },
             )
         if r.status_code != 200:
             raise ComfyAPIError(
@@ -825,12 +922,20 @@ def _json_or_text(r: httpx.Response) -> Any:
 
 def _workflow_error(answer: Any, status: int, instance: str, prompt_id: str) -> WorkflowError:
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        return WorkflowError(answer["error"], answer.get("node_errors") or {},
-                             status_code=status, instance=instance, prompt_id=prompt_id)
+        return WorkflowError(
+            answer["error"],
+            answer.get("node_errors") or {},
+            status_code=status,
+            instance=instance,
+            prompt_id=prompt_id,
+        )
     text = str(answer).strip()[:500] if answer else ""
     return WorkflowError(
-        {"type": "http_error", "message": f"HTTP {status}", "details": text}, {},
-        status_code=status, instance=instance, prompt_id=prompt_id,
+        {"type": "http_error", "message": f"HTTP {status}", "details": text},
+        {},
+        status_code=status,
+        instance=instance,
+        prompt_id=prompt_id,
     )
 
 
@@ -854,8 +959,10 @@ async def connect_comfy_client(
         url=base,
         name=name or _instance_name(base),
         client_id=client_id or uuid.uuid4().hex,
-        http=http or httpx.AsyncClient(
-            base_url=base, timeout=httpx.Timeout(60.0, connect=10.0),
+        http=http
+        or httpx.AsyncClient(
+            base_url=base,
+            timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         ),
         silence_timeout=silence_timeout,
@@ -885,13 +992,23 @@ async def open_comfy_client(
 
     Raises ``ServerLostError`` when the server cannot be reached.
     """
-    async with trio.open_nursery() as nursery:
-        client = await connect_comfy_client(
-            nursery, url, name=name, client_id=client_id,
-            silence_timeout=silence_timeout, reconnect_timeout=reconnect_timeout,
-        )
-        try:
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await connect_comfy_client(
+                nursery,
+                url,
+                name=name,
+                client_id=client_id,
+                silence_timeout=silence_timeout,
+                reconnect_timeout=reconnect_timeout,
+            )
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+    except BaseExceptionGroup as group:
+        lone = single_error(group)
+        if lone is None:
+            raise
+        raise lone from None

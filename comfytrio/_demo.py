@@ -20,21 +20,37 @@ __all__ = ["DEMO_WORKFLOW", "run_demo"]
 logger = logging.getLogger("comfytrio.demo")
 
 DEMO_WORKFLOW: dict[str, Any] = {
-    "1": {"class_type": "PrimitiveInt", "inputs": {"value": 4},
-          "_meta": {"title": "API - BATCH SIZE"}},
-    "2": {"class_type": "PrimitiveString", "inputs": {"value": "demo"},
-          "_meta": {"title": "API - PROMPT"}},
-    "3": {"class_type": "EmptyImage",
-          "inputs": {"width": 256, "height": 256, "batch_size": ["1", 0], "color": 3355443},
-          "_meta": {"title": "Empty Image"}},
-    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": ["2", 0]},
-          "_meta": {"title": "Save Image"}},
-    "5": {"class_type": "LoadImage", "inputs": {"image": "example.png"},
-          "_meta": {"title": "API - PICTURE"}},
-    "6": {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]},
-          "_meta": {"title": "Invert"}},
-    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "inverted"},
-          "_meta": {"title": "Save Inverted"}},
+    "1": {
+        "class_type": "PrimitiveInt",
+        "inputs": {"value": 4},
+        "_meta": {"title": "API - BATCH SIZE"},
+    },
+    "2": {
+        "class_type": "PrimitiveString",
+        "inputs": {"value": "demo"},
+        "_meta": {"title": "API - PROMPT"},
+    },
+    "3": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 256, "height": 256, "batch_size": ["1", 0], "color": 3355443},
+        "_meta": {"title": "Empty Image"},
+    },
+    "4": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["3", 0], "filename_prefix": ["2", 0]},
+        "_meta": {"title": "Save Image"},
+    },
+    "5": {
+        "class_type": "LoadImage",
+        "inputs": {"image": "example.png"},
+        "_meta": {"title": "API - PICTURE"},
+    },
+    "6": {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]}, "_meta": {"title": "Invert"}},
+    "7": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["6", 0], "filename_prefix": "inverted"},
+        "_meta": {"title": "Save Inverted"},
+    },
 }
 """The model-free workflow of the demo (as exported with "Save (API)")."""
 
@@ -58,8 +74,9 @@ def _picture() -> bytes:
     return buffer.getvalue()
 
 
-async def run_demo(work_dir: Path, *, instances: int = 2, batch: int = 4,
-                   seconds_per_image: float = 0.05) -> JobResult:
+async def run_demo(
+    work_dir: Path, *, instances: int = 2, batch: int = 4, seconds_per_image: float = 0.05
+) -> JobResult:
     """Start ``instances`` fake ComfyUI processes under ``work_dir`` and run a batch of
     ``batch`` images split across them, plus an inverted input picture on each.
 
@@ -72,18 +89,23 @@ async def run_demo(work_dir: Path, *, instances: int = 2, batch: int = 4,
     models.mkdir(parents=True, exist_ok=True)
     servers = [ComfyUIInstance(install, port) for port in _free_ports(instances)]
     async with ComfyAPI(
-        servers, models, gpu=GPUInfo(cuda_available=False, device_count=instances),
-        state_dir=work_dir / "instances", ready_timeout=60,
+        servers,
+        models,
+        gpu=GPUInfo(cuda_available=False, device_count=instances),
+        state_dir=work_dir / "instances",
+        ready_timeout=60,
         env={"COMFYTRIO_FAKE_SECONDS_PER_IMAGE": str(seconds_per_image)},
     ) as api:
         return await api.run_workflow(
             DEMO_WORKFLOW,
             params={
-                "batch_size": {"type": "integer", "value": batch, "gpu_scale": True,
-                               "node_mappings": "API - BATCH SIZE"},
-                "prompt": {"type": "string", "value": "demo",
-                           "node_mappings": "API - PROMPT"},
-                "picture": {"type": "image", "value": _picture(),
-                            "node_mappings": "API - PICTURE"},
+                "batch_size": {
+                    "type": "integer",
+                    "value": batch,
+                    "gpu_scale": True,
+                    "node_mappings": "API - BATCH SIZE",
+                },
+                "prompt": {"type": "string", "value": "demo", "node_mappings": "API - PROMPT"},
+                "picture": {"type": "image", "value": _picture(), "node_mappings": "API - PICTURE"},
             },
         )

@@ -119,9 +119,7 @@ class UnknownParamTypeError(ParamError):
     def __init__(self, param: str, type_name: str, known: Sequence[str]) -> None:
         self.type_name = type_name
         self.known = sorted(known)
-        super().__init__(
-            param, f"unknown type {type_name!r}; known types: {', '.join(self.known)}"
-        )
+        super().__init__(param, f"unknown type {type_name!r}; known types: {', '.join(self.known)}")
 
 
 class NodeTitleNotFoundError(ParamError):
@@ -171,7 +169,11 @@ class ComfyUITimeoutError(ComfyAPIError):
     """A server was not ready in time, or a prompt did not finish in time."""
 
     def __init__(
-        self, message: str, *, instance: str = "", prompt_id: str | None = None,
+        self,
+        message: str,
+        *,
+        instance: str = "",
+        prompt_id: str | None = None,
         timeout: float | None = None,
     ) -> None:
         self.instance = instance
@@ -248,8 +250,10 @@ class WorkflowError(ComfyAPIError):
         self.partial = status_code == 200
         head = self.error.get("message") or self.error.get("type") or "workflow rejected"
         details = self.error.get("details")
-        text = f"ComfyUI {instance} rejected the workflow: {head}" if instance else (
-            f"ComfyUI rejected the workflow: {head}"
+        text = (
+            f"ComfyUI {instance} rejected the workflow: {head}"
+            if instance
+            else (f"ComfyUI rejected the workflow: {head}")
         )
         if details:
             text += f" ({details})"
@@ -296,3 +300,22 @@ class ExecutionInterruptedError(ExecutionError):
             f"ComfyUI {self.instance}: prompt {self.prompt_id} was interrupted at node "
             f"{self.node_id} ({self.node_type})"
         )
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside a (nested) exception group, or None when there are several.
+
+    Nurseries wrap what their body raises; a context manager built on a nursery unwraps a
+    lone error so callers can ``except ServerLostError`` as the docs say.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None

@@ -116,8 +116,10 @@ class Instance:
             path = Path(value) if value else base / default
             return path if path.is_absolute() else self.comfyui_path / path  # type: ignore[operator]
 
-        input_dir, output_dir = folder("--input-directory", "input"), folder(
-            "--output-directory", "output")
+        input_dir, output_dir = (
+            folder("--input-directory", "input"),
+            folder("--output-directory", "output"),
+        )
         if await trio.Path(output_dir).is_dir():
             self.input_dir, self.output_dir = input_dir, output_dir
             self.temp_dir = folder("--temp-directory", "temp") / "temp"
@@ -148,7 +150,8 @@ class Instance:
         if self._output_classes is None:
             info = await self._require_client().object_info()
             self._output_classes = frozenset(
-                name for name, spec in info.items()
+                name
+                for name, spec in info.items()
                 if isinstance(spec, dict) and spec.get("output_node")
             )
         return self._output_classes

@@ -35,10 +35,29 @@ logger = logging.getLogger("comfytrio.process")
 
 # The model folders ComfyUI knows (folder_paths.py); each is mapped into models_path.
 _MODEL_FOLDERS = (
-    "checkpoints", "configs", "loras", "vae", "text_encoders", "clip", "diffusion_models",
-    "unet", "clip_vision", "style_models", "embeddings", "diffusers", "vae_approx",
-    "controlnet", "t2i_adapter", "gligen", "upscale_models", "latent_upscale_models",
-    "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders",
+    "checkpoints",
+    "configs",
+    "loras",
+    "vae",
+    "text_encoders",
+    "clip",
+    "diffusion_models",
+    "unet",
+    "clip_vision",
+    "style_models",
+    "embeddings",
+    "diffusers",
+    "vae_approx",
+    "controlnet",
+    "t2i_adapter",
+    "gligen",
+    "upscale_models",
+    "latent_upscale_models",
+    "hypernetworks",
+    "photomaker",
+    "classifiers",
+    "model_patches",
+    "audio_encoders",
 )
 
 
@@ -129,15 +148,23 @@ def comfyui_command(spec: LaunchSpec) -> list[str]:
     """The command line that starts ComfyUI for ``spec`` (listening on 127.0.0.1 only)."""
     d = spec.dirs
     cmd = [
-        spec.python, "main.py",
-        "--listen", "127.0.0.1",
-        "--port", str(spec.port),
+        spec.python,
+        "main.py",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(spec.port),
         "--disable-auto-launch",
-        "--input-directory", str(d.input),
-        "--output-directory", str(d.output),
-        "--temp-directory", str(d.temp),
-        "--user-directory", str(d.user),
-        "--database-url", f"sqlite:///{d.database}",
+        "--input-directory",
+        str(d.input),
+        "--output-directory",
+        str(d.output),
+        "--temp-directory",
+        str(d.temp),
+        "--user-directory",
+        str(d.user),
+        "--database-url",
+        f"sqlite:///{d.database}",
     ]
     if spec.models_path is not None:
         cmd += ["--extra-model-paths-config", str(d.model_paths_config)]
@@ -263,8 +290,13 @@ async def run_comfyui(
     logger.debug("starting ComfyUI %s: %s", spec.name, " ".join(cmd))
     try:
         process = await trio.lowlevel.open_process(
-            cmd, cwd=str(spec.comfyui_path), env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            cwd=str(spec.comfyui_path),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     except OSError as exc:
         raise ComfyUIStartupError(spec.name, f"cannot run {cmd[0]}: {exc}") from exc
@@ -315,7 +347,9 @@ async def _wait_ready(spec: LaunchSpec, process: trio.Process) -> dict[str, Any]
         await _terminate(process, spec.grace, spec.name)
         raise ComfyUITimeoutError(
             f"ComfyUI {spec.name} was not ready after {spec.ready_timeout:g} s "
-            f"(see {spec.dirs.log})", instance=spec.name, timeout=spec.ready_timeout,
+            f"(see {spec.dirs.log})",
+            instance=spec.name,
+            timeout=spec.ready_timeout,
         )
     argv: Sequence[Any] = stats.get("system", {}).get("argv") or []
     if argv and str(spec.port) not in [str(a) for a in argv]:

@@ -7,8 +7,15 @@ from pathlib import Path
 import attrs
 
 __all__ = [
-    "ComfyUIInstance", "GPUInfo", "JobResult", "LoRARef", "ModelRef", "OutputFile",
-    "RemoteComfyUI", "ShardFailure", "ShardReport",
+    "ComfyUIInstance",
+    "GPUInfo",
+    "JobResult",
+    "LoRARef",
+    "ModelRef",
+    "OutputFile",
+    "RemoteComfyUI",
+    "ShardFailure",
+    "ShardReport",
 ]
 
 

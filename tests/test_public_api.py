@@ -5,9 +5,19 @@ from __future__ import annotations
 import comfytrio
 
 SEED_NAMES = {
-    "ComfyAPI", "ComfyAPIError", "ComfyUIInstance", "ComfyUIStartupError",
-    "ComfyUITimeoutError", "DownloadError", "GPUDetectionError", "GPUInfo", "LoRARef",
-    "ModelNotFoundError", "ModelRef", "WorkflowError", "distribute",
+    "ComfyAPI",
+    "ComfyAPIError",
+    "ComfyUIInstance",
+    "ComfyUIStartupError",
+    "ComfyUITimeoutError",
+    "DownloadError",
+    "GPUDetectionError",
+    "GPUInfo",
+    "LoRARef",
+    "ModelNotFoundError",
+    "ModelRef",
+    "WorkflowError",
+    "distribute",
 }
 
 

@@ -1,0 +1,325 @@
+"""Shared helpers for the fake ComfyUI tests: recordings, workflows, a websocket listener and
+a small client (real sockets on 127.0.0.1, no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from comfytrio.testing import FakeComfyUI
+
+pytest_plugins = ["pytester"]
+
+TESTS = Path(__file__).resolve().parent
+RECORDINGS = TESTS / "recordings"
+WORKFLOWS = TESTS / "workflows"
+
+
+def load_recording(name: str) -> Any:
+    """A recording of the real ComfyUI 0.3.64 (``tests/recordings/<name>``)."""
+    return json.loads((RECORDINGS / name).read_text())
+
+
+def load_workflow(name: str) -> dict[str, Any]:
+    """An API-format workflow from ``tests/workflows/``."""
+    workflow: dict[str, Any] = json.loads((WORKFLOWS / name).read_text())
+    return workflow
+
+
+class WsListener:
+    """Collects every message of one websocket (text as JSON, binary as bytes)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.messages: list[Any] = []
+        self.closed: trio_websocket.ConnectionClosed | None = None
+        self.ws: trio_websocket.WebSocketConnection | None = None
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[WsListener]) -> None:
+        # We own the TCP stream: trio-websocket 0.12 does not close it after an abnormal
+        # closure (1006), which would leak the socket (a ResourceWarning).
+        parts = urlsplit(self.url)
+        resource = parts.path + (f"?{parts.query}" if parts.query else "")
+        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, parts.netloc, resource
+                )
+                self.ws = ws
+                task_status.started(self)
+                try:
+                    while True:
+                        message = await ws.get_message()
+                        self.messages.append(
+                            json.loads(message) if isinstance(message, str) else message
+                        )
+                        self._notify()
+                except trio_websocket.ConnectionClosed as exc:
+                    self.closed = exc
+                    self._notify()
+                nursery.cancel_scope.cancel()
+        finally:
+            await stream.aclose()
+
+    def texts(self) -> list[dict[str, Any]]:
+        """The JSON messages so far."""
+        return [m for m in self.messages if isinstance(m, dict)]
+
+    def types(self) -> list[str]:
+        """Message types so far (binary frames as ``binary:<event>``)."""
+        return [
+            m["type"] if isinstance(m, dict) else f"binary:{int.from_bytes(m[:4], 'big')}"
+            for m in self.messages
+        ]
+
+    async def wait_for(
+        self, predicate: Callable[[Any], bool], *, timeout: float = 10.0, start: int = 0
+    ) -> Any:
+        """The first message from index ``start`` that matches (waits for it)."""
+        with trio.fail_after(timeout):
+            index = start
+            while True:
+                while index < len(self.messages):
+                    if predicate(self.messages[index]):
+                        return self.messages[index]
+                    index += 1
+                if self.closed is not None:
+                    raise AssertionError(f"websocket closed: {self.closed}")
+                await self._changed.wait()
+
+    async def wait_closed(self, *, timeout: float = 10.0) -> int:
+        """Until the server ends the connection; the close code (1006: no close frame)."""
+        with trio.fail_after(timeout):
+            while self.closed is None:
+                await self._changed.wait()
+        reason = self.closed.reason
+        return reason.code if reason is not None else 1006
+
+    async def wait_done(
+        self, prompt_id: str, *, timeout: float = 10.0, start: int = 0
+    ) -> list[Any]:
+        """Messages up to this prompt's ``executing {node: null}`` (the end signal)."""
+        await self.wait_for(
+            lambda m: (
+                isinstance(m, dict)
+                and m["type"] == "executing"
+                and m["data"].get("node") is None
+                and m["data"].get("prompt_id") == prompt_id
+            ),
+            timeout=timeout,
+            start=start,
+        )
+        return list(self.messages)
+
+    async def send(self, data: Any) -> None:
+        """Send a JSON message."""
+        assert self.ws is not None
+        await self.ws.send_message(json.dumps(data))
+
+
+class Comfy:
+    """A tiny client for one fake server: HTTP via httpx, websockets via trio-websocket."""
+
+    def __init__(self, fake: FakeComfyUI, http: httpx.AsyncClient, nursery: trio.Nursery) -> None:
+        self.fake = fake
+        self.http = http
+        self.nursery = nursery
+
+    @property
+    def ws_url(self) -> str:
+        return self.fake.url.replace("http://", "ws://") + "/ws"
+
+    async def listen(self, client_id: str | None = "test-client") -> WsListener:
+        """Open a websocket (``clientId`` = ``client_id``) that records everything."""
+        url = self.ws_url + (f"?clientId={client_id}" if client_id else "")
+        listener: WsListener = await self.nursery.start(WsListener(url).run)
+        await listener.wait_for(lambda m: isinstance(m, dict) and m["type"] == "status")
+        return listener
+
+    async def submit(
+        self, prompt: dict[str, Any], *, client_id: str | None = "test-client", **extra: Any
+    ) -> httpx.Response:
+        """``POST /prompt``."""
+        body: dict[str, Any] = {"prompt": prompt, **extra}
+        if client_id is not None:
+            body["client_id"] = client_id
+        return await self.http.post("/prompt", json=body)
+
+    async def run(
+        self, prompt: dict[str, Any], listener: WsListener, **extra: Any
+    ) -> tuple[str, list[Any], dict[str, Any]]:
+        """Submit, wait for the end on ``listener``; (prompt_id, messages of it, history)."""
+        start = len(listener.messages)
+        response = await self.submit(prompt, **extra)
+        assert response.status_code == 200, response.text
+        prompt_id = response.json()["prompt_id"]
+        await listener.wait_done(prompt_id, start=start)
+        history = (await self.http.get(f"/history/{prompt_id}")).json()
+        return prompt_id, listener.messages[start:], history[prompt_id]
+
+    async def wait_history(self, prompt_id: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll ``/history/{id}`` until the entry is there."""
+        with trio.fail_after(timeout):
+            while True:
+                answer = (await self.http.get(f"/history/{prompt_id}")).json()
+                if answer:
+                    entry: dict[str, Any] = answer[prompt_id]
+                    return entry
+                await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def http_for() -> AsyncIterator[Callable[[FakeComfyUI], httpx.AsyncClient]]:
+    """``http_for(fake)``: an httpx client for that server (closed after the test)."""
+    clients: list[httpx.AsyncClient] = []
+
+    def make(fake: FakeComfyUI) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(base_url=fake.url, timeout=10)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+async def comfy_for(
+    nursery: trio.Nursery, http_for: Callable[[FakeComfyUI], httpx.AsyncClient]
+) -> Callable[[FakeComfyUI], Comfy]:
+    """``comfy_for(fake)``: a ``Comfy`` client for that server."""
+    return lambda fake: Comfy(fake, http_for(fake), nursery)
+
+
+@pytest.fixture
+async def comfy(fake_comfyui: FakeComfyUI, comfy_for: Callable[[FakeComfyUI], Comfy]) -> Comfy:
+    """A ``Comfy`` client for the ``fake_comfyui`` fixture's server."""
+    return comfy_for(fake_comfyui)
+
+
+def png_bytes(
+    size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (10, 20, 30)
+) -> bytes:
+    """A small PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Child:
+    """A fake ComfyUI started as a child process (its output collected)."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._ready = trio.Event()
+        self.done = trio.Event()
+
+    async def pump(self) -> None:
+        try:
+            await self._pump()
+        finally:
+            self._ready.set()
+            self.done.set()
+
+    async def _pump(self) -> None:
+        assert self.process.stdout is not None
+        buffer = b""
+        async for chunk in self.process.stdout:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if "To see the GUI go to: " in line:
+                    self.url = line.split("To see the GUI go to: ", 1)[1].strip()
+                    self._ready.set()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_ready(self, timeout: float = 20.0) -> str:
+        """The URL it printed once ready (fails if it exited first)."""
+        with trio.fail_after(timeout):
+            await self._ready.wait()
+        assert self.url is not None, self.output
+        return self.url
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        with trio.fail_after(timeout):
+            code = await self.process.wait()
+        with trio.fail_after(timeout):
+            await self.done.wait()
+        return code
+
+    async def stop(self, signum: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        """Send ``signum`` and wait for the exit code."""
+        self.process.send_signal(signum)
+        return await self.wait_exit(timeout)
+
+
+@pytest.fixture
+async def spawn(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[Child]]]:
+    """``await spawn(cmd, cwd=..., env=...)``: start a child process; killed after the test."""
+    children: list[Child] = []
+
+    async def start(
+        cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> Child:
+        process = await trio.lowlevel.open_process(
+            cmd,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        child = Child(process)
+        children.append(child)
+        nursery.start_soon(child.pump)
+        return child
+
+    yield start
+    for child in children:
+        if child.process.returncode is None:
+            child.process.kill()
+        with trio.CancelScope(shield=True):
+            await child.process.wait()
+            with trio.move_on_after(5):
+                await child.done.wait()
+            if child.process.stdout is not None:
+                await child.process.stdout.aclose()

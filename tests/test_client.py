@@ -1,0 +1,310 @@
+"""The client for one server, over real sockets against the fake ComfyUI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from comfytrio import (
+    ComfyClient,
+    ComfyUITimeoutError,
+    ExecutionError,
+    ExecutionInterruptedError,
+    NodeOutput,
+    NodeStarted,
+    PromptFinished,
+    PromptVanishedError,
+    ServerLostError,
+    WorkflowError,
+    open_comfy_client,
+)
+from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
+
+WORKFLOWS = Path(__file__).parent / "workflows"
+
+
+def empty_to_save(batch: int = 1, prefix: str = "t", color: int = 0) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": color},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+async def wait_queue_empty(client: ComfyClient) -> None:
+    """Until the server runs and holds none of our prompts (interrupts are cooperative)."""
+    with trio.fail_after(3):
+        while True:
+            if not await client.queued_prompt_ids():
+                return
+            await trio.sleep(0.02)
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeComfyUI]:
+    async with trio.open_nursery() as nursery:
+        server: FakeComfyUI = await nursery.start(serve_fake_comfyui, tmp_path / "comfy")
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def client(fake: FakeComfyUI) -> AsyncIterator[ComfyClient]:
+    async with open_comfy_client(fake.url, silence_timeout=0.5, reconnect_timeout=2) as c:
+        yield c
+
+
+async def test_run_returns_the_files_the_server_wrote(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    result = await client.run(empty_to_save(batch=2, prefix="sub/dir/pic"))
+    names = [(f.subfolder, f.filename, f.type) for f in result.files]
+    assert names == [
+        ("sub/dir", "pic_00001_.png", "output"),
+        ("sub/dir", "pic_00002_.png", "output"),
+    ]
+    for ref in result.files:
+        assert (Path(fake.output_dir) / ref.subfolder / ref.filename).is_file()
+    assert not result.fully_cached
+
+
+async def test_model_free_workflow_with_uploaded_picture(client: ComfyClient) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), "blue").save(buffer, format="PNG")
+    name = await client.upload_image("example.png", buffer.getvalue())
+    assert name == "example.png"
+    workflow = json.loads((WORKFLOWS / "model_free.json").read_text())
+    result = await client.run(workflow)
+    by_node = {ref.node_id: ref for ref in result.files}
+    assert set(by_node) == {"4", "7"}
+    assert len([r for r in result.files if r.node_id == "4"]) == 4
+
+
+async def test_we_choose_the_prompt_id(fake: FakeComfyUI, client: ComfyClient) -> None:
+    submitted = await client.submit(empty_to_save(), prompt_id="my-own-id")
+    assert submitted.prompt_id == "my-own-id"
+    result = await client.wait("my-own-id")
+    assert result.prompt_id == "my-own-id"
+    assert await client.history("my-own-id") is not None
+
+
+async def test_identical_resubmit_is_served_from_cache(client: ComfyClient) -> None:
+    first = await client.run(empty_to_save(prefix="c"))
+    again = await client.run(empty_to_save(prefix="c"))
+    assert again.fully_cached
+    assert [f.filename for f in again.files] == [f.filename for f in first.files]
+
+
+async def test_validation_error_names_node_and_input(client: ComfyClient) -> None:
+    workflow = empty_to_save()
+    workflow["1"]["inputs"]["width"] = 99999
+    with pytest.raises(WorkflowError) as info:
+        await client.run(workflow)
+    err = info.value
+    assert err.status_code == 400
+    assert err.error["type"] == "prompt_outputs_failed_validation"
+    assert err.node_errors["1"]["errors"][0]["type"] == "value_bigger_than_max"
+    assert "node 1 (EmptyImage), input 'width'" in str(err)
+    assert client.statistics().in_flight == 0
+
+
+async def test_unknown_class_type(client: ComfyClient) -> None:
+    workflow = empty_to_save()
+    workflow["1"]["class_type"] = "NoSuchNode"
+    with pytest.raises(WorkflowError, match="NoSuchNode does not exist") as info:
+        await client.submit(workflow)
+    assert info.value.error["type"] == "invalid_prompt"
+
+
+async def test_dropped_outputs_are_an_error_and_the_prompt_is_removed(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    workflow = empty_to_save(prefix="ok")
+    workflow["3"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 8, "height": 8, "batch_size": 0, "color": 0},
+    }
+    workflow["4"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["3", 0], "filename_prefix": "bad"},
+    }
+    with pytest.raises(WorkflowError) as info:
+        await client.submit(workflow)
+    assert info.value.partial
+    assert info.value.status_code == 200
+    assert "3" in info.value.node_errors
+    await wait_queue_empty(client)
+
+
+async def test_execution_error_carries_node_and_exception(client: ComfyClient) -> None:
+    workflow = {
+        "1": {"class_type": "PrimitiveInt", "inputs": {"value": 0}},
+        "2": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": ["1", 0], "color": 0},
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "z"}},
+    }
+    with pytest.raises(ExecutionError) as info:
+        await client.run(workflow)
+    err = info.value
+    assert err.prompt_id
+    assert err.node_id is not None
+    assert err.node_type in {"EmptyImage", "SaveImage"}
+    assert err.exception_type
+
+
+async def test_timeout_interrupts_the_prompt(fake: FakeComfyUI, client: ComfyClient) -> None:
+    fake.set_seconds_per_image(5.0)
+    with pytest.raises(ComfyUITimeoutError) as info:
+        await client.run(empty_to_save(), timeout=0.3)
+    assert info.value.prompt_id
+    await wait_queue_empty(client)
+
+
+async def test_cancelled_caller_leaves_nothing_on_the_server(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    fake.set_seconds_per_image(5.0)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):  # one runs, two wait in the server's queue
+            nursery.start_soon(client.run, empty_to_save(prefix=f"p{i}"))
+        await trio.sleep(0.3)
+        assert len(await client.queued_prompt_ids()) == 3
+        nursery.cancel_scope.cancel()
+    await wait_queue_empty(client)
+    assert client.statistics().in_flight == 0
+
+
+async def test_interrupt_by_someone_else(fake: FakeComfyUI, client: ComfyClient) -> None:
+    fake.set_seconds_per_image(2.0)
+    async with trio.open_nursery() as nursery:
+
+        async def interrupt_soon() -> None:
+            await trio.sleep(0.3)
+            await client.interrupt()  # global, as another user would
+
+        nursery.start_soon(interrupt_soon)
+        with pytest.raises(ExecutionInterruptedError):
+            await client.run(empty_to_save())
+
+
+async def test_prompt_deleted_by_someone_else_vanishes(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    fake.set_seconds_per_image(1.0)
+    running = await client.submit(empty_to_save(prefix="a"))
+    pending = await client.submit(empty_to_save(prefix="b"))
+    await client.delete_from_queue([pending.prompt_id])  # as another client would
+    with trio.fail_after(5), pytest.raises(PromptVanishedError) as info:
+        await client.wait(pending.prompt_id)
+    assert info.value.prompt_id == pending.prompt_id
+    assert (await client.wait(running.prompt_id)).files
+
+
+async def test_events_arrive_through_a_subscription(client: ComfyClient) -> None:
+    async with client.subscribe() as events:
+        result = await client.run(empty_to_save(batch=1, prefix="ev"))
+        seen: list[object] = []
+        while True:
+            event = events.receive_nowait()
+            seen.append(event)
+            if isinstance(event, PromptFinished):
+                break
+    mine = [e for e in seen if getattr(e, "prompt_id", None) == result.prompt_id]
+    assert any(isinstance(e, NodeStarted) for e in mine)
+    assert any(isinstance(e, NodeOutput) and e.node_id == "2" for e in mine)
+    assert isinstance(mine[-1], PromptFinished)
+    assert mine[-1].status == "success"
+
+
+async def test_download_writes_the_file_atomically(client: ComfyClient, tmp_path: Path) -> None:
+    result = await client.run(empty_to_save(prefix="dl"))
+    ref = result.files[0]
+    dest = await client.download(ref, tmp_path / "got" / "x.png")
+    assert dest.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
+
+
+async def test_models_and_system_stats(fake: FakeComfyUI, client: ComfyClient) -> None:
+    (Path(fake.models_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (Path(fake.models_dir) / "checkpoints" / "sd.safetensors").write_bytes(b"x")
+    assert await client.list_models("checkpoints") == ["sd.safetensors"]
+    stats = await client.system_stats()
+    assert "comfyui_version" in stats["system"]
+
+
+async def test_unreachable_server_is_server_lost() -> None:
+    with pytest.raises(ServerLostError, match="cannot connect"):
+        async with open_comfy_client("http://127.0.0.1:9"):
+            pass
+
+
+async def test_server_crash_mid_prompt_is_server_lost(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    fake.set_seconds_per_image(5.0)
+    submitted = await client.submit(empty_to_save())
+    await trio.sleep(0.2)
+    fake.crash()
+    with trio.fail_after(10), pytest.raises(ServerLostError) as info:
+        await client.wait(submitted.prompt_id)
+    assert info.value.prompt_id == submitted.prompt_id
+    assert not client.statistics().connected
+
+
+async def test_restart_that_forgot_the_prompt_is_vanished(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    fake.set_seconds_per_image(5.0)
+    submitted = await client.submit(empty_to_save())
+    await trio.sleep(0.2)
+    await fake.restart()  # queue and history are lost, as with a real restart
+    with trio.fail_after(10), pytest.raises(PromptVanishedError):
+        await client.wait(submitted.prompt_id)
+    assert client.statistics().reconnects == 1
+
+
+async def test_dropped_websocket_loses_nothing(fake: FakeComfyUI, client: ComfyClient) -> None:
+    fake.set_seconds_per_image(0.5)
+    submitted = await client.submit(empty_to_save(batch=2, prefix="drop"))
+    await trio.sleep(0.2)
+    fake.drop_websockets()  # the prompt ends while we are reconnecting
+    with trio.fail_after(10):
+        result = await client.wait(submitted.prompt_id)
+    assert [f.filename for f in result.files] == ["drop_00001_.png", "drop_00002_.png"]
+    assert client.statistics().reconnects == 1
+    # and the socket works again for the next prompt
+    assert (await client.run(empty_to_save(prefix="after"))).files
+
+
+async def test_queue_cleared_by_someone_else(fake: FakeComfyUI, client: ComfyClient) -> None:
+    fake.set_seconds_per_image(1.0)
+    running = await client.submit(empty_to_save(prefix="r"))
+    pending = await client.submit(empty_to_save(prefix="p"))
+    await trio.sleep(0.1)
+    fake.clear_queue()
+    with trio.fail_after(5), pytest.raises(PromptVanishedError):
+        await client.wait(pending.prompt_id)
+    assert (await client.wait(running.prompt_id)).files
+
+
+async def test_hung_server_times_out_and_cancel_is_bounded(
+    fake: FakeComfyUI, client: ComfyClient
+) -> None:
+    client.cancel_timeout = 0.5
+    fake.hang()
+    with trio.fail_after(5), pytest.raises((ComfyUITimeoutError, ServerLostError)):
+        await client.run(empty_to_save(), timeout=0.5)
+    fake.unhang()
