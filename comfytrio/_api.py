@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,7 +16,7 @@ import httpx
 import trio
 
 from ._client import PromptResult
-from ._errors import ComfyAPIError, UnsafeNameError
+from ._errors import ComfyAPIError, UnsafeNameError, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
 from ._plan import JobPlan, ShardPlan, plan_job
@@ -42,22 +43,19 @@ JOB_MARKER_INPUT = "comfytrio_job"
 in its cache key, so an output node never replays another job's files."""
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first ComfyAPIError inside a (nested) exception group, else the group itself."""
-    leaves: list[BaseException] = []
+def _api_errors(group: BaseExceptionGroup[BaseException]) -> list[ComfyAPIError]:
+    """Every ComfyAPIError inside a (nested) exception group, in order."""
+    found: list[ComfyAPIError] = []
 
     def walk(exc: BaseException) -> None:
         if isinstance(exc, BaseExceptionGroup):
             for inner in exc.exceptions:
                 walk(inner)
-        else:
-            leaves.append(exc)
+        elif isinstance(exc, ComfyAPIError):
+            found.append(exc)
 
     walk(group)
-    for leaf in leaves:
-        if isinstance(leaf, ComfyAPIError):
-            return leaf
-    return group
+    return found
 
 
 class ComfyAPI:
@@ -142,7 +140,7 @@ class ComfyAPI:
                     comfyui_path=Path(spec.path).resolve(),
                     port=spec.port,
                     dirs=InstanceDirs(root),
-                    python=spec.python or LaunchSpec.python,
+                    python=spec.python or sys.executable,
                     cpu=not self.gpu.cuda_available,
                     cuda_device=index if self.gpu.cuda_available else None,
                     models_path=self.models_path,
@@ -178,27 +176,42 @@ class ComfyAPI:
     async def _open(self) -> AsyncIterator[ComfyAPI]:
         if self._plugins is None:
             self._plugins = make_plugin_manager()
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True
-        ) as http:
-            self._http = http
-            async with trio.open_nursery() as nursery:
-                try:
-                    async with trio.open_nursery() as starters:
-                        for instance in self.instances:
-                            starters.start_soon(nursery.start, instance.serve)
-                except BaseExceptionGroup as group:
-                    nursery.cancel_scope.cancel()
-                    first = _first_error(group)
-                    if first is group:
-                        raise
-                    raise first from None
-                logger.info("%d ComfyUI instance(s) ready", len(self.instances))
+        try:
+            async with (
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True
+                ) as http,
+                trio.open_nursery() as nursery,
+            ):
+                self._http = http
+                await self._start_all(nursery)
                 try:
                     yield self
                 finally:
+                    self._http = None
                     nursery.cancel_scope.cancel()
-            self._http = None
+        except BaseExceptionGroup as group:
+            # Our nursery wraps what the caller's block raised: give it back as it was.
+            lone = single_error(group)
+            if lone is None:
+                raise
+            raise lone from None
+
+    async def _start_all(self, nursery: trio.Nursery) -> None:
+        """Start every instance at once; if any fails, raise the first startup error (the
+        others in ``other_errors``) after the started ones were stopped."""
+        try:
+            async with trio.open_nursery() as starters:
+                for instance in self.instances:
+                    starters.start_soon(nursery.start, instance.serve)
+        except BaseExceptionGroup as group:
+            nursery.cancel_scope.cancel()
+            errors = _api_errors(group)
+            if not errors:
+                raise
+            errors[0].other_errors = list(errors[1:])
+            raise errors[0] from None
+        logger.info("%d ComfyUI instance(s) ready", len(self.instances))
 
     async def __aenter__(self) -> ComfyAPI:
         """Start (or attach to) every instance in parallel; ready when all answer."""

@@ -99,12 +99,59 @@ def _fake_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("comfytrio-demo"),
+        help="where the fake install, instances and images go (default: ./comfytrio-demo)",
+    )
+    parser.add_argument("--instances", type=int, default=2, help="fake servers (default 2)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="images in the batch, split across the servers (default 4)",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._demo import run_demo
+    from ._errors import ComfyAPIError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work = args.dir.resolve()
+    print(f"Starting {args.instances} fake ComfyUI servers under {work} ...", flush=True)
+    try:
+        result = trio.run(run_demo, work, args.instances, args.batch)
+    except ComfyAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for shard in result.shards:
+        print(f"shard {shard.index} on {shard.instance}: {shard.scaled} seeds={shard.seeds}")
+    print(
+        f"{len(result.outputs)} images (job {result.job_id}, "
+        f"{result.finished_at - result.started_at:.2f} s):"
+    )
+    for output in result.outputs:
+        print(f"  {output.path}")
+    return 0 if result.ok else 1
+
+
 COMMANDS: list[_Command] = [
     _Command(
         "fake-server",
         "serve a fake ComfyUI (for tests and demos) until Ctrl-C",
         _fake_server_arguments,
         _fake_server,
+    ),
+    _Command(
+        "demo",
+        "run a split batch on bundled fake ComfyUI servers and print where the images went",
+        _demo_arguments,
+        _demo,
     ),
 ]
 """The sub-commands, in help order."""

@@ -75,7 +75,7 @@ def _picture() -> bytes:
 
 
 async def run_demo(
-    work_dir: Path, *, instances: int = 2, batch: int = 4, seconds_per_image: float = 0.05
+    work_dir: Path, instances: int = 2, batch: int = 4, seconds_per_image: float = 0.05
 ) -> JobResult:
     """Start ``instances`` fake ComfyUI processes under ``work_dir`` and run a batch of
     ``batch`` images split across them, plus an inverted input picture on each.

@@ -255,6 +255,10 @@ class RunningProcess:
     system_stats: dict[str, Any]
     """What ``/system_stats`` answered when it became ready."""
     log_pump: _LogPump
+    spawned_at: float
+    """``trio.current_time()`` when the process was created."""
+    ready_at: float
+    """``trio.current_time()`` when it first answered."""
 
     @property
     def pid(self) -> int:
@@ -300,6 +304,7 @@ async def run_comfyui(
         )
     except OSError as exc:
         raise ComfyUIStartupError(spec.name, f"cannot run {cmd[0]}: {exc}") from exc
+    spawned_at = trio.current_time()
     pump = _LogPump(spec)
     try:
         async with trio.open_nursery() as nursery:
@@ -318,7 +323,9 @@ async def run_comfyui(
                     spec.name, f"the process exited with code {code} while starting", tail
                 )
             logger.info("ComfyUI %s ready at %s (pid %d)", spec.name, spec.url, process.pid)
-            task_status.started(RunningProcess(spec, process, stats, pump))
+            task_status.started(
+                RunningProcess(spec, process, stats, pump, spawned_at, trio.current_time())
+            )
             code = await process.wait()
             logger.error("ComfyUI %s exited with code %s", spec.name, code)
             nursery.cancel_scope.cancel()
