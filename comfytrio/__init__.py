@@ -47,6 +47,10 @@ from ._plan import plan_job as plan_job
 from ._plan import validate_params as validate_params
 from ._plugins import Plugins as Plugins
 from ._plugins import make_plugin_manager as make_plugin_manager
+from ._scheduler import ApiStatistics as ApiStatistics
+from ._scheduler import InstanceStatistics as InstanceStatistics
+from ._scheduler import JobStatistics as JobStatistics
+from ._scheduler import ShardTask as ShardTask
 from ._scheduler import distribute as distribute
 from ._types import ComfyUIInstance as ComfyUIInstance
 from ._types import GPUInfo as GPUInfo

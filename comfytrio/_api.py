@@ -19,9 +19,10 @@ from ._client import PromptResult
 from ._errors import ComfyAPIError, UnsafeNameError, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
-from ._plan import JobPlan, ShardPlan, plan_job
+from ._plan import JobPlan, plan_job
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
+from ._scheduler import ApiStatistics, Scheduler, ShardTask
 from ._types import (
     ComfyUIInstance,
     GPUInfo,
@@ -82,6 +83,7 @@ class ComfyAPI:
         plugins: Plugins | None = None,
         grace: float = 10.0,
         env: Mapping[str, str] | None = None,
+        prompts_per_instance: int = 2,
     ) -> None:
         self.models_path = Path(models_path).resolve()
         self.gpu = gpu if gpu is not None else detect_gpus()
@@ -94,6 +96,7 @@ class ComfyAPI:
         self._grace = grace
         self._env = dict(env or {})
         self.instances: list[Instance] = self._build_instances(instances)
+        self._scheduler = Scheduler(self._run_shard, depth=prompts_per_instance)
         self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -185,6 +188,8 @@ class ComfyAPI:
             ):
                 self._http = http
                 await self._start_all(nursery)
+                for instance in self.instances:
+                    nursery.start_soon(self._scheduler.run_worker, instance)
                 try:
                     yield self
                 finally:
@@ -288,51 +293,35 @@ class ComfyAPI:
             http=self._http,
             seed=seed,
         )
-        logger.info("job %s: %d shard(s) on %d instance(s)", job_id, len(plan.shards), len(ready))
-        outputs: dict[int, list[OutputFile]] = {}
-        failures: list[ShardFailure] = []
-        reports: list[ShardReport] = []
+        logger.info("job %s: %d shard(s) for %d instance(s)", job_id, len(plan.shards), len(ready))
         deadline = self.execution_timeout if timeout is None else timeout
-
-        async def run_shard(shard: ShardPlan, instance: Instance) -> None:
-            prompt_id = str(uuid.uuid4())
-            submitted = trio.current_time()
-            ok = False
-            try:
-                prompt = await self._mark_outputs(shard.workflow, instance, job_id)
-                assert instance.client is not None
-                result = await instance.client.run(prompt, prompt_id=prompt_id, timeout=deadline)
-                outputs[shard.index] = await self._collect(result, instance, job_id)
-                ok = True
-            except ComfyAPIError as exc:
-                logger.error(
-                    "job %s: shard %d failed on %s: %s", job_id, shard.index, instance.name, exc
-                )
-                failures.append(ShardFailure(shard.index, instance.name, prompt_id, exc))
-            finally:
-                reports.append(
-                    ShardReport(
-                        shard.index,
-                        instance.name,
-                        prompt_id,
-                        dict(shard.scaled),
-                        dict(shard.seeds),
-                        submitted,
-                        trio.current_time(),
-                        ok,
-                    )
-                )
-
-        async with trio.open_nursery() as nursery:
-            for shard in plan.shards:
-                nursery.start_soon(run_shard, shard, ready[shard.index % len(ready)])
-
-        failures.sort(key=lambda f: f.index)
+        tasks = [ShardTask(job_id, shard.index, (shard, deadline)) for shard in plan.shards]
+        self._scheduler.submit(job_id, tasks)
+        finished = await self._scheduler.wait(job_id)
+        outputs = [o for t in finished if not t.failed for o in t.outcome]
+        failures = [
+            ShardFailure(t.index, t.instance or "", t.prompt_id, t.outcome)
+            for t in finished
+            if t.failed
+        ]
+        reports = [
+            ShardReport(
+                t.index,
+                t.instance or "",
+                t.prompt_id,
+                dict(t.payload[0].scaled),
+                dict(t.payload[0].seeds),
+                t.started_at or t.enqueued_at,
+                t.finished_at or trio.current_time(),
+                not t.failed,
+            )
+            for t in finished
+        ]
         result = JobResult(
             job_id=job_id,
-            outputs=tuple(o for index in sorted(outputs) for o in outputs[index]),
+            outputs=tuple(outputs),
             failures=tuple(failures),
-            shards=tuple(sorted(reports, key=lambda r: r.index)),
+            shards=tuple(reports),
             seed=plan.seed,
             started_at=started_at,
             finished_at=trio.current_time(),
@@ -357,6 +346,20 @@ class ComfyAPI:
             result.finished_at - started_at,
         )
         return result
+
+    async def _run_shard(self, instance: Instance, task: ShardTask) -> list[OutputFile]:
+        """Run one shard on ``instance`` (the scheduler's runner)."""
+        shard, timeout = task.payload
+        prompt = await self._mark_outputs(shard.workflow, instance, task.job_id)
+        assert instance.client is not None
+        try:
+            result = await instance.client.run(prompt, prompt_id=task.prompt_id, timeout=timeout)
+            return await self._collect(result, instance, task.job_id)
+        except ComfyAPIError as exc:
+            logger.error(
+                "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
+            )
+            raise
 
     async def _mark_outputs(
         self, workflow: Mapping[str, Any], instance: Instance, job_id: str
@@ -397,12 +400,8 @@ class ComfyAPI:
             )
         return files
 
-    def statistics(self) -> dict[str, Any]:
-        """Per instance: its state and its client's statistics."""
-        return {
-            i.name: {
-                "state": i.state,
-                "client": i.client.statistics() if i.client is not None else None,
-            }
-            for i in self.instances
-        }
+    def statistics(self) -> ApiStatistics:
+        """A frozen snapshot: per instance its state, prompts in flight, busy time, shards
+        done and failed; per job its shards and when it was queued, started and finished;
+        the number of shards waiting in the queue."""
+        return self._scheduler.statistics(self.instances)

@@ -61,6 +61,13 @@ class Instance:
     _output_classes: frozenset[str] | None = None
 
     @property
+    def healthy(self) -> bool:
+        """Ready, and its websocket is up: it may take work."""
+        return (
+            self.state == "ready" and self.client is not None and self.client.statistics().connected
+        )
+
+    @property
     def owned(self) -> bool:
         """True when we started the process."""
         return self.launch is not None

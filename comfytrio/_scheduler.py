@@ -1,8 +1,35 @@
-"""Splitting work into shards."""
+"""Splitting work into shards, and the one queue every instance pulls shards from.
+
+Every job's shards go to the back of one FIFO queue. Each healthy instance runs a worker that
+keeps up to ``depth`` of our prompts inside its ComfyUI (one running, the next already queued
+there, so the GPU never waits for a round trip to us) and takes the next shard the moment a
+slot frees. An instance that finishes early simply takes more; an instance that is not ready
+takes none. The scheduler knows nothing of workflows: it runs a callable per shard.
+"""
 
 from __future__ import annotations
 
-__all__ = ["distribute"]
+import collections
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ._errors import ComfyAPIError
+
+__all__ = [
+    "ApiStatistics",
+    "InstanceStatistics",
+    "JobStatistics",
+    "Scheduler",
+    "ShardTask",
+    "distribute",
+]
+
+logger = logging.getLogger("comfytrio.scheduler")
 
 
 def distribute(total: int, gpu_count: int) -> list[int]:
@@ -23,3 +50,275 @@ def distribute(total: int, gpu_count: int) -> list[int]:
         raise ValueError(f"total must not be negative, got {total}")
     base, remainder = divmod(total, gpu_count)
     return [base + (1 if i < remainder else 0) for i in range(gpu_count)]
+
+
+class _Worker(Protocol):
+    """What the scheduler needs of an instance."""
+
+    name: str
+    state: str
+
+    @property
+    def healthy(self) -> bool:
+        """Whether it may take work now."""
+
+
+@attrs.frozen
+class InstanceStatistics:
+    """One instance, as the scheduler sees it."""
+
+    name: str
+    """The instance."""
+    state: str
+    """``starting``, ``ready``, ``down``, ``stopped``."""
+    in_flight: int
+    """Our prompts inside its ComfyUI now (running or queued there)."""
+    busy_time: float
+    """Seconds during which it had at least one of our prompts."""
+    shards_done: int
+    """Shards it finished successfully."""
+    shards_failed: int
+    """Shards that failed on it."""
+
+
+@attrs.frozen
+class JobStatistics:
+    """One job, as the scheduler sees it."""
+
+    job_id: str
+    """The job."""
+    shards: int
+    """Its shard count."""
+    done: int
+    """Shards finished successfully."""
+    failed: int
+    """Shards failed (or cancelled)."""
+    queued_at: float
+    """``trio.current_time()`` when its shards were queued."""
+    started_at: float | None
+    """When its first shard was sent to a server."""
+    finished_at: float | None
+    """When its last shard ended."""
+
+
+@attrs.frozen
+class ApiStatistics:
+    """A snapshot of the whole api: ``ComfyAPI.statistics()``."""
+
+    instances: tuple[InstanceStatistics, ...]
+    """Every instance."""
+    jobs: tuple[JobStatistics, ...]
+    """Jobs running now, then the most recent finished ones."""
+    queued_shards: int
+    """Shards waiting for a free instance."""
+
+
+@attrs.define(eq=False)
+class ShardTask:
+    """One shard, from the queue to its end."""
+
+    job_id: str
+    """Its job."""
+    index: int
+    """Its index in the job's split."""
+    payload: Any
+    """What the runner needs (the shard's plan)."""
+    prompt_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
+    """Chosen before it is sent, so it can be deleted even mid-submit."""
+    enqueued_at: float = attrs.field(factory=trio.current_time)
+    """When it entered the queue (``trio.current_time()``)."""
+    started_at: float | None = None
+    """When an instance took it."""
+    finished_at: float | None = None
+    """When it ended."""
+    instance: str | None = None
+    """The instance that took it."""
+    outcome: Any = None
+    """What the runner returned, or the ComfyAPIError it raised."""
+    failed: bool = False
+    """True when it failed or was cancelled."""
+    cancelled: bool = False
+    """True once its job was cancelled."""
+    done: trio.Event = attrs.field(factory=trio.Event)
+    """Set when it ended, however."""
+    _scope: trio.CancelScope | None = None
+
+
+@attrs.define(eq=False)
+class _Counters:
+    in_flight: int = 0
+    busy_since: float | None = None
+    busy_time: float = 0.0
+    done: int = 0
+    failed: int = 0
+
+
+@attrs.define(eq=False)
+class _Job:
+    job_id: str
+    tasks: list[ShardTask]
+    queued_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def statistics(self) -> JobStatistics:
+        return JobStatistics(
+            self.job_id,
+            len(self.tasks),
+            sum(1 for t in self.tasks if t.done.is_set() and not t.failed),
+            sum(1 for t in self.tasks if t.failed),
+            self.queued_at,
+            self.started_at,
+            self.finished_at,
+        )
+
+
+Runner = Callable[[Any, ShardTask], Awaitable[Any]]
+"""Runs one shard on one instance; returns its outputs or raises ComfyAPIError."""
+
+
+class Scheduler:
+    """One FIFO queue of shards; one worker per instance pulls from it."""
+
+    def __init__(self, runner: Runner, *, depth: int = 2, keep_finished: int = 100) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        self._runner = runner
+        self.depth = depth
+        self._queue: collections.deque[ShardTask] = collections.deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._counters: dict[str, _Counters] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._finished: collections.deque[JobStatistics] = collections.deque(maxlen=keep_finished)
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, job_id: str, tasks: list[ShardTask]) -> None:
+        """Queue a job's shards behind every shard already waiting."""
+        self._jobs[job_id] = _Job(job_id, tasks, trio.current_time())
+        self._queue.extend(tasks)
+        self._lot.unpark(count=len(tasks))
+
+    async def wait(self, job_id: str) -> list[ShardTask]:
+        """Until every shard of the job ended; return them in index order.
+
+        If the caller is cancelled, the job's queued shards are dropped and its running ones
+        cancelled (their prompts deleted or interrupted on the servers) before the
+        cancellation goes on.
+        """
+        job = self._jobs[job_id]
+        try:
+            for task in job.tasks:
+                await task.done.wait()
+        except BaseException:
+            self.cancel(job_id)
+            with trio.CancelScope(shield=True):
+                for task in job.tasks:
+                    await task.done.wait()
+            raise
+        finally:
+            self._forget(job)
+        return sorted(job.tasks, key=lambda t: t.index)
+
+    def cancel(self, job_id: str) -> None:
+        """Drop the job's queued shards and cancel its running ones."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        mine = {id(t) for t in job.tasks}
+        self._queue = collections.deque(t for t in self._queue if id(t) not in mine)
+        for task in job.tasks:
+            task.cancelled = True
+            if task._scope is not None:
+                task._scope.cancel()
+            elif not task.done.is_set():
+                task.failed = True
+                task.done.set()
+
+    def _forget(self, job: _Job) -> None:
+        if self._jobs.pop(job.job_id, None) is not None:
+            job.finished_at = trio.current_time()
+            self._finished.append(job.statistics())
+
+    # ------------------------------------------------------------------ workers
+
+    def wake(self) -> None:
+        """Tell idle workers to look again (an instance became ready)."""
+        self._lot.unpark_all()
+
+    async def run_worker(self, instance: _Worker) -> None:
+        """Feed ``instance`` from the queue until cancelled, ``depth`` prompts at a time."""
+        self._workers[instance.name] = instance
+        counters = self._counters.setdefault(instance.name, _Counters())
+        slots = trio.Semaphore(self.depth)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await slots.acquire()
+                task = await self._take(instance)
+                nursery.start_soon(self._run, instance, task, slots, counters)
+
+    async def _take(self, instance: _Worker) -> ShardTask:
+        while True:
+            if not instance.healthy:
+                if self._queue:
+                    self._lot.unpark()  # hand the wake-up on to a worker that can take it
+                await trio.sleep(0.2)
+                continue
+            if self._queue:
+                return self._queue.popleft()
+            await self._lot.park()
+
+    async def _run(
+        self, instance: _Worker, task: ShardTask, slots: trio.Semaphore, counters: _Counters
+    ) -> None:
+        if task.cancelled:  # its job was cancelled between the queue and here
+            slots.release()
+            return
+        now = trio.current_time()
+        task.started_at, task.instance = now, instance.name
+        job = self._jobs.get(task.job_id)
+        if job is not None and job.started_at is None:
+            job.started_at = now
+        counters.in_flight += 1
+        if counters.busy_since is None:
+            counters.busy_since = now
+        try:
+            with trio.CancelScope() as scope:
+                task._scope = scope
+                try:
+                    task.outcome = await self._runner(instance, task)
+                except ComfyAPIError as exc:
+                    task.outcome, task.failed = exc, True
+            if scope.cancelled_caught:
+                task.failed = True
+        finally:
+            task._scope = None
+            task.finished_at = trio.current_time()
+            counters.in_flight -= 1
+            if counters.in_flight == 0 and counters.busy_since is not None:
+                counters.busy_time += task.finished_at - counters.busy_since
+                counters.busy_since = None
+            if task.failed:
+                counters.failed += 1
+            else:
+                counters.done += 1
+            task.done.set()
+            slots.release()
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self, instances: Iterable[_Worker]) -> ApiStatistics:
+        """A frozen snapshot of instances, jobs and the queue."""
+        now = trio.current_time()
+        rows = []
+        for instance in instances:
+            c = self._counters.get(instance.name, _Counters())
+            busy = c.busy_time + (now - c.busy_since if c.busy_since is not None else 0.0)
+            rows.append(
+                InstanceStatistics(
+                    instance.name, instance.state, c.in_flight, busy, c.done, c.failed
+                )
+            )
+        jobs = tuple(j.statistics() for j in self._jobs.values()) + tuple(self._finished)
+        return ApiStatistics(tuple(rows), jobs, len(self._queue))
