@@ -53,6 +53,7 @@ from ._scheduler import JobStatistics as JobStatistics
 from ._scheduler import ShardTask as ShardTask
 from ._scheduler import distribute as distribute
 from ._types import ComfyUIInstance as ComfyUIInstance
+from ._types import FaultPolicy as FaultPolicy
 from ._types import GPUInfo as GPUInfo
 from ._types import JobResult as JobResult
 from ._types import LoRARef as LoRARef

@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from ._client import PromptResult
-from ._errors import ComfyAPIError, UnsafeNameError, single_error
+from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
 from ._plan import JobPlan, plan_job
@@ -25,6 +25,7 @@ from ._process import InstanceDirs, LaunchSpec
 from ._scheduler import ApiStatistics, Scheduler, ShardTask
 from ._types import (
     ComfyUIInstance,
+    FaultPolicy,
     GPUInfo,
     JobResult,
     LoRARef,
@@ -39,9 +40,10 @@ __all__ = ["ComfyAPI"]
 
 logger = logging.getLogger("comfytrio")
 
-JOB_MARKER_INPUT = "comfytrio_job"
-"""An extra input we add to every output node: ComfyUI ignores unknown inputs but counts them
-in its cache key, so an output node never replays another job's files."""
+JOB_MARKER_INPUT = "comfytrio_prompt"
+"""An extra input we add to every output node, set to the prompt id: ComfyUI ignores unknown
+inputs but counts them in its cache key, so an output node never replays the files of another
+job, another shard of the same job, or an earlier attempt of the same shard."""
 
 
 def _api_errors(group: BaseExceptionGroup[BaseException]) -> list[ComfyAPIError]:
@@ -84,6 +86,7 @@ class ComfyAPI:
         grace: float = 10.0,
         env: Mapping[str, str] | None = None,
         prompts_per_instance: int = 2,
+        faults: FaultPolicy | None = None,
     ) -> None:
         self.models_path = Path(models_path).resolve()
         self.gpu = gpu if gpu is not None else detect_gpus()
@@ -95,8 +98,13 @@ class ComfyAPI:
         self._plugins = plugins
         self._grace = grace
         self._env = dict(env or {})
+        self.faults = faults or FaultPolicy()
         self.instances: list[Instance] = self._build_instances(instances)
-        self._scheduler = Scheduler(self._run_shard, depth=prompts_per_instance)
+        self._scheduler = Scheduler(
+            self._run_shard,
+            depth=prompts_per_instance,
+            max_attempts=self.faults.max_shard_attempts,
+        )
         self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -153,9 +161,7 @@ class ComfyAPI:
                     env=self._env,
                 )
                 built.append(
-                    Instance(
-                        index, name, spec.base_url, launch=launch, ready_timeout=self.ready_timeout
-                    )
+                    Instance(index, name, spec.base_url, launch=launch, **self._instance_options())
                 )
             else:
                 built.append(
@@ -164,16 +170,30 @@ class ComfyAPI:
                         name,
                         spec.base_url,
                         comfyui_path=Path(spec.path).resolve(),
-                        ready_timeout=self.ready_timeout,
+                        **self._instance_options(),
                     )
                 )
         for server in remote:
             url = server.url.rstrip("/")
             name = server.name or re.sub(r"^https?://", "", url)
-            built.append(Instance(len(built), name, url, ready_timeout=self.ready_timeout))
+            built.append(Instance(len(built), name, url, **self._instance_options()))
         if not built:
             raise ValueError("ComfyAPI needs at least one instance to run on")
         return built
+
+    def _instance_options(self) -> dict[str, Any]:
+        f = self.faults
+        return {
+            "ready_timeout": self.ready_timeout,
+            "max_restarts": f.max_restarts,
+            "restart_backoff": f.restart_backoff,
+            "health_interval": f.health_interval,
+            "hang_timeout": f.hang_timeout,
+            "client_options": {
+                "reconnect_timeout": f.reconnect_timeout,
+                "silence_timeout": f.silence_timeout,
+            },
+        }
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[ComfyAPI]:
@@ -190,10 +210,12 @@ class ComfyAPI:
                 await self._start_all(nursery)
                 for instance in self.instances:
                     nursery.start_soon(self._scheduler.run_worker, instance)
+                nursery.start_soon(self._watch_capacity)
                 try:
                     yield self
                 finally:
                     self._http = None
+                    self._scheduler.close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # Our nursery wraps what the caller's block raised: give it back as it was.
@@ -201,6 +223,29 @@ class ComfyAPI:
             if lone is None:
                 raise
             raise lone from None
+
+    async def _watch_capacity(self) -> None:
+        """Fail the queued shards when no instance could take them for a long time, so no
+        job waits forever on servers that are all gone."""
+        limit = self.faults.no_instance_timeout
+        since: float | None = None
+        while True:
+            await trio.sleep(min(0.5, limit / 4))
+            if any(i.healthy for i in self.instances):
+                since = None
+                continue
+            now = trio.current_time()
+            since = now if since is None else since
+            if now - since >= limit:
+                count = self._scheduler.fail_queued(
+                    ServerLostError(
+                        "all",
+                        f"no ComfyUI instance has been able to take work for {limit:g} s "
+                        f"(states: {', '.join(f'{i.name}={i.state}' for i in self.instances)})",
+                    )
+                )
+                if count:
+                    logger.error("failed %d queued shard(s): no healthy instance", count)
 
     async def _start_all(self, nursery: trio.Nursery) -> None:
         """Start every instance at once; if any fails, raise the first startup error (the
@@ -350,7 +395,7 @@ class ComfyAPI:
     async def _run_shard(self, instance: Instance, task: ShardTask) -> list[OutputFile]:
         """Run one shard on ``instance`` (the scheduler's runner)."""
         shard, timeout = task.payload
-        prompt = await self._mark_outputs(shard.workflow, instance, task.job_id)
+        prompt = await self._mark_outputs(shard.workflow, instance, task.prompt_id)
         assert instance.client is not None
         try:
             result = await instance.client.run(prompt, prompt_id=task.prompt_id, timeout=timeout)
@@ -362,14 +407,14 @@ class ComfyAPI:
             raise
 
     async def _mark_outputs(
-        self, workflow: Mapping[str, Any], instance: Instance, job_id: str
+        self, workflow: Mapping[str, Any], instance: Instance, prompt_id: str
     ) -> dict[str, Any]:
         output_classes = await instance.output_node_classes()
         marked: dict[str, Any] = {}
         for node_id, node in workflow.items():
             if isinstance(node, Mapping) and node.get("class_type") in output_classes:
                 node = dict(node)
-                node["inputs"] = {**node.get("inputs", {}), JOB_MARKER_INPUT: job_id}
+                node["inputs"] = {**node.get("inputs", {}), JOB_MARKER_INPUT: prompt_id}
             marked[node_id] = node
         return marked
 

@@ -6,7 +6,10 @@ an ``input_dir`` to write into, a remote one takes uploads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,22 @@ import attrs
 import trio
 
 from ._client import ComfyClient, OutputRef, connect_comfy_client, wait_server_ready
+from ._errors import ComfyAPIError
 from ._process import LaunchSpec, RunningProcess, run_comfyui
 
 __all__ = ["Instance"]
 
 logger = logging.getLogger("comfytrio.instance")
+
+
+class _Started:
+    """A task status that calls back: lets a supervisor see each start of a process."""
+
+    def __init__(self, callback: Any) -> None:
+        self._callback = callback
+
+    def started(self, value: Any = None) -> None:
+        self._callback(value)
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -57,7 +71,22 @@ class Instance:
     process: RunningProcess | None = None
     """Our process, once started."""
     state: str = "new"
-    """``new``, ``starting``, ``ready``, ``down`` or ``stopped``."""
+    """``new``, ``starting``, ``ready``, ``hung``, ``down``, ``failed`` (given up) or
+    ``stopped``."""
+    client_options: dict[str, Any] = attrs.field(factory=dict)
+    """Keyword arguments for ``connect_comfy_client`` (timeouts)."""
+    max_restarts: int = 5
+    """How often our process is restarted after it died, before the instance is given up."""
+    restart_backoff: float = 1.0
+    """Seconds before the first restart; doubled each time (at most 30)."""
+    health_interval: float = 5.0
+    """Seconds between two health probes."""
+    hang_timeout: float = 60.0
+    """A server that does not answer a probe in this many seconds is hung."""
+    restarts: int = 0
+    """How often our process was restarted."""
+    hangs: int = 0
+    """How often it was found hung."""
     _output_classes: frozenset[str] | None = None
 
     @property
@@ -78,36 +107,104 @@ class Instance:
         return self.input_dir is not None and self.output_dir is not None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start (or attach to) the server, connect the client, report ready, run until
-        cancelled."""
+        """Start (or attach to) the server, connect the client, report ready, then watch its
+        health until cancelled: a process of ours that exits is restarted with backoff, a
+        server that stops answering is treated as crashed."""
         self.state = "starting"
         try:
             async with trio.open_nursery() as nursery:
                 if self.launch is not None:
-                    self.process = await nursery.start(self._run_process, self.launch)
+                    self.process = await nursery.start(self._supervise, self.launch)
                     dirs = self.launch.dirs
                     self.input_dir, self.output_dir = dirs.input, dirs.output
                     self.temp_dir = dirs.temp / "temp"
                 else:
                     stats = await wait_server_ready(self.url, timeout=self.ready_timeout)
                     await self._find_local_dirs(stats)
-                self.client = await connect_comfy_client(nursery, self.url, name=self.name)
+                self.client = await connect_comfy_client(
+                    nursery, self.url, name=self.name, **self.client_options
+                )
                 self.state = "ready"
                 task_status.started()
-                await trio.sleep_forever()
+                await self._watch_health()
         finally:
-            self.state = "stopped" if self.state != "down" else "down"
+            if self.state not in ("down", "failed"):
+                self.state = "stopped"
             if self.client is not None:
                 with trio.CancelScope(shield=True):
                     await self.client.aclose()
 
-    async def _run_process(
+    async def _supervise(
         self, spec: LaunchSpec, *, task_status: trio.TaskStatus[RunningProcess]
     ) -> None:
-        code = await run_comfyui(spec, task_status=task_status)
-        self.state = "down"
-        if self.client is not None:
-            self.client.mark_lost(f"its process exited with code {code}")
+        """Run our process; restart it with backoff when it exits, at most
+        ``max_restarts`` times. The first start's failure is raised to the caller."""
+        first = True
+        backoff = self.restart_backoff
+        while True:
+
+            def on_started(process: RunningProcess, first: bool = first) -> None:
+                self.process = process
+                if first:
+                    task_status.started(process)
+                else:
+                    self.state = "ready"
+                    logger.warning("ComfyUI %s restarted (pid %d)", self.name, process.pid)
+
+            try:
+                code = await run_comfyui(spec, task_status=_Started(on_started))
+                why = f"its process exited with code {code}"
+            except ComfyAPIError as exc:
+                if first:
+                    raise
+                why = f"its restart failed: {exc}"
+            first = False
+            self.state = "down"
+            logger.error("ComfyUI %s is down: %s", self.name, why)
+            if self.client is not None:
+                self.client.mark_lost(why)
+            if self.restarts >= self.max_restarts:
+                self.state = "failed"
+                logger.error("ComfyUI %s: giving up after %d restart(s)", self.name, self.restarts)
+                return
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            self.restarts += 1
+            self.state = "starting"
+
+    async def _watch_health(self) -> None:
+        """Probe ``/system_stats``: a server that does not answer in ``hang_timeout`` seconds
+        is hung. Ours is killed (and restarted by ``_supervise``); a remote one takes no work
+        until it answers again."""
+        assert self.client is not None
+        while True:
+            await trio.sleep(self.health_interval)
+            answered = False
+            with trio.move_on_after(self.hang_timeout):
+                try:
+                    await self.client.system_stats()
+                    answered = True
+                except ComfyAPIError:
+                    answered = False
+            if answered:
+                if self.state == "hung":
+                    logger.warning("ComfyUI %s answers again", self.name)
+                    self.state = "ready"
+                continue
+            if self.state != "ready":
+                continue
+            self.hangs += 1
+            logger.error(
+                "ComfyUI %s did not answer for %g s: treating it as crashed",
+                self.name,
+                self.hang_timeout,
+            )
+            if self.process is not None and self.process.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.state = "hung"
+                self.client.mark_lost(f"it did not answer for {self.hang_timeout:g} s")
 
     async def _find_local_dirs(self, stats: dict[str, Any]) -> None:
         """For an attached server on this machine, find its folders from its command line."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._errors import ComfyAPIError
+from ._errors import ComfyAPIError, PromptVanishedError, ServerLostError
 
 __all__ = [
     "ApiStatistics",
@@ -78,7 +78,13 @@ class InstanceStatistics:
     shards_done: int
     """Shards it finished successfully."""
     shards_failed: int
-    """Shards that failed on it."""
+    """Shard attempts that failed on it (retried ones included)."""
+    shards_retried: int
+    """Shards lost on it (server gone, prompt vanished) and sent again."""
+    restarts: int
+    """How often we restarted its process."""
+    hangs: int
+    """How often it was found not answering."""
 
 
 @attrs.frozen
@@ -141,6 +147,10 @@ class ShardTask:
     """True once its job was cancelled."""
     done: trio.Event = attrs.field(factory=trio.Event)
     """Set when it ended, however."""
+    attempts: int = 1
+    """How many times it was sent (a lost server or vanished prompt sends it again)."""
+    previous_instances: list[str] = attrs.field(factory=list)
+    """Where earlier attempts were lost."""
     _scope: trio.CancelScope | None = None
 
 
@@ -151,6 +161,7 @@ class _Counters:
     busy_time: float = 0.0
     done: int = 0
     failed: int = 0
+    retried: int = 0
 
 
 @attrs.define(eq=False)
@@ -180,11 +191,15 @@ Runner = Callable[[Any, ShardTask], Awaitable[Any]]
 class Scheduler:
     """One FIFO queue of shards; one worker per instance pulls from it."""
 
-    def __init__(self, runner: Runner, *, depth: int = 2, keep_finished: int = 100) -> None:
+    def __init__(
+        self, runner: Runner, *, depth: int = 2, max_attempts: int = 3, keep_finished: int = 100
+    ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self._runner = runner
         self.depth = depth
+        self.max_attempts = max_attempts
+        self._closed = False
         self._queue: collections.deque[ShardTask] = collections.deque()
         self._lot = trio.lowlevel.ParkingLot()
         self._counters: dict[str, _Counters] = {}
@@ -287,7 +302,7 @@ class Scheduler:
             with trio.CancelScope() as scope:
                 task._scope = scope
                 try:
-                    task.outcome = await self._runner(instance, task)
+                    task.outcome, task.failed = await self._runner(instance, task), False
                 except ComfyAPIError as exc:
                     task.outcome, task.failed = exc, True
             if scope.cancelled_caught:
@@ -303,8 +318,62 @@ class Scheduler:
                 counters.failed += 1
             else:
                 counters.done += 1
-            task.done.set()
+            if self._should_retry(task):
+                counters.retried += 1
+                self._requeue(task)
+            else:
+                task.done.set()
             slots.release()
+
+    def _should_retry(self, task: ShardTask) -> bool:
+        """A shard whose server went away, or whose prompt vanished, runs again elsewhere:
+        it produced nothing we reported, and its old prompt id is never accepted again."""
+        return (
+            task.failed
+            and not task.cancelled
+            and not self._closed
+            and isinstance(task.outcome, (ServerLostError, PromptVanishedError))
+            and task.attempts < self.max_attempts
+        )
+
+    def _requeue(self, task: ShardTask) -> None:
+        logger.warning(
+            "job %s: shard %d lost on %s (%s); running it again",
+            task.job_id,
+            task.index,
+            task.instance,
+            task.outcome,
+        )
+        task.attempts += 1
+        task.previous_instances.append(task.instance or "")
+        task.prompt_id = str(uuid.uuid4())
+        task.instance = task.started_at = task.finished_at = None
+        task.outcome, task.failed = None, False
+        self._queue.appendleft(task)  # it was first in line once: it goes first again
+        self._lot.unpark()
+
+    def fail_queued(self, error: ComfyAPIError) -> int:
+        """End every shard still waiting in the queue with ``error``; return how many."""
+        failed = 0
+        while self._queue:
+            task = self._queue.popleft()
+            task.outcome, task.failed = error, True
+            task.done.set()
+            failed += 1
+        return failed
+
+    def close(self) -> None:
+        """The api is closing: every job still waiting ends with an error."""
+        self._closed = True
+        self._queue.clear()
+        for job in self._jobs.values():
+            for task in job.tasks:
+                if not task.done.is_set():
+                    if task._scope is not None:
+                        task._scope.cancel()
+                    else:
+                        task.outcome, task.failed = ComfyAPIError("the ComfyAPI was closed"), True
+                        task.done.set()
 
     # ------------------------------------------------------------------ statistics
 
@@ -317,7 +386,15 @@ class Scheduler:
             busy = c.busy_time + (now - c.busy_since if c.busy_since is not None else 0.0)
             rows.append(
                 InstanceStatistics(
-                    instance.name, instance.state, c.in_flight, busy, c.done, c.failed
+                    instance.name,
+                    instance.state,
+                    c.in_flight,
+                    busy,
+                    c.done,
+                    c.failed,
+                    c.retried,
+                    getattr(instance, "restarts", 0),
+                    getattr(instance, "hangs", 0),
                 )
             )
         jobs = tuple(j.statistics() for j in self._jobs.values()) + tuple(self._finished)

@@ -8,6 +8,7 @@ import attrs
 
 __all__ = [
     "ComfyUIInstance",
+    "FaultPolicy",
     "GPUInfo",
     "JobResult",
     "LoRARef",
@@ -178,3 +179,31 @@ class JobResult:
     def ok(self) -> bool:
         """True when no shard failed."""
         return not self.failures
+
+
+@attrs.frozen
+class FaultPolicy:
+    """How comfytrio meets crashed, hung and restarted servers (``ComfyAPI(faults=...)``)."""
+
+    max_shard_attempts: int = 3
+    """A shard whose server went away or whose prompt vanished is sent again, up to this many
+    attempts in all; then it fails with that error."""
+    max_restarts: int = 5
+    """How often a ComfyUI process of ours is restarted after it died, before its instance
+    is given up (state ``failed``)."""
+    restart_backoff: float = 1.0
+    """Seconds before the first restart; doubled each time, at most 30."""
+    health_interval: float = 5.0
+    """Seconds between two ``/system_stats`` probes of each server."""
+    hang_timeout: float = 60.0
+    """A server that does not answer a probe in this many seconds is hung: ours is killed
+    and restarted, a remote one takes no work until it answers again."""
+    reconnect_timeout: float = 30.0
+    """A websocket down this long fails the prompts in flight on that server (they run
+    again elsewhere)."""
+    no_instance_timeout: float = 120.0
+    """When no instance has been able to take work for this long, the shards waiting in
+    the queue fail with ``ServerLostError`` instead of waiting forever."""
+    silence_timeout: float = 30.0
+    """After this many seconds without news of a prompt, ``/queue`` and ``/history`` are
+    asked where it is (a prompt deleted by someone else is found this way)."""

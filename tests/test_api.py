@@ -406,3 +406,16 @@ async def test_a_cancelled_job_leaves_no_prompt_on_any_server(
             for fake in fakes:
                 await fake.wait_idle()
         assert all(f.queue_ids() == [] and f.running_id is None for f in fakes)
+
+
+async def test_identical_shards_on_one_server_get_their_own_files(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    # Two instances that are the same server: shares [2, 2] give two identical prompts
+    # back to back, which ComfyUI's cache would answer with the first one's files.
+    async with ComfyAPI(
+        [fakes[0].url, fakes[0].url + "/"], tmp_path / "models", download_dir=tmp_path / "downloads"
+    ) as api:
+        result = await api.run_workflow(BATCH_WORKFLOW, params=batch(4))
+    assert len(result.shards) == 2
+    assert len({(o.subfolder, o.filename) for o in result.outputs}) == 4
