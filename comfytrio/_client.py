@@ -266,6 +266,7 @@ class ComfyClient:
     _queue_remaining: int = attrs.field(default=0, init=False)
     _reconnects: int = attrs.field(default=0, init=False)
     _dropped: int = attrs.field(default=0, init=False)
+    _abandoned: set[str] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _ws: trio_websocket.WebSocketConnection | None = attrs.field(default=None, init=False)
 
@@ -294,6 +295,7 @@ class ComfyClient:
                             self._reconnects += 1
                             logger.warning("%s: websocket reconnected", self.name)
                             nursery.start_soon(self._reconcile, list(self._watches.values()))
+                            nursery.start_soon(self.cancel_abandoned)
                         down_since = None
                         backoff = 0.05
                         await self._read(ws)
@@ -572,6 +574,7 @@ class ComfyClient:
     def _fail_all_in_flight(self, why: str) -> None:
         for watch in list(self._watches.values()):
             if watch.accepted and not watch.done.is_set():
+                self._abandoned.add(watch.prompt_id)
                 self._settle(
                     watch, ServerLostError(self.name, why, prompt_id=watch.prompt_id), "lost"
                 )
@@ -748,6 +751,15 @@ class ComfyClient:
         finally:
             if not finished:
                 await self._cancel_shielded(prompt_id)
+
+    async def cancel_abandoned(self) -> None:
+        """Remove from the server the prompts we gave up on while it was unreachable (they
+        were sent again elsewhere), so a server that comes back does not run them too."""
+        abandoned, self._abandoned = self._abandoned, set()
+        for prompt_id in abandoned:
+            await self._cancel_shielded(prompt_id)
+        if abandoned:
+            logger.info("%s: removed %d abandoned prompt(s)", self.name, len(abandoned))
 
     async def _cancel_shielded(self, prompt_id: str) -> None:
         """``cancel_prompt`` even while our caller is being cancelled, bounded in time so a

@@ -189,6 +189,7 @@ class Instance:
             if answered:
                 if self.state == "hung":
                     logger.warning("ComfyUI %s answers again", self.name)
+                    await self.client.cancel_abandoned()
                     self.state = "ready"
                 continue
             if self.state != "ready":

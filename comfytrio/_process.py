@@ -231,6 +231,7 @@ async def _terminate(process: trio.Process, grace: float, name: str) -> None:
     logger.info("stopping ComfyUI %s (pid %d)", name, process.pid)
     try:
         os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGCONT)  # a stopped process must run to see SIGTERM
     except ProcessLookupError:
         return
     with trio.move_on_after(grace):

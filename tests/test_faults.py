@@ -184,8 +184,18 @@ async def test_a_remote_server_that_restarts_loses_nothing(
 async def test_a_remote_hung_server_takes_no_work_until_it_answers(
     fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
+    fakes[0].set_seconds_per_image(0.5)
     async with remote(fakes, tmp_path) as api:
-        fakes[0].hang()
+        async with trio.open_nursery() as nursery:
+            held: list[JobResult] = []
+
+            async def job() -> None:
+                held.append(await api.run_workflow(JOB, params=params("held", 6)))
+
+            nursery.start_soon(job)
+            await trio.sleep(0.2)  # fakes[0] holds our prompts
+            fakes[0].hang()
+        check_reported_once(held[0], 6)  # they were sent elsewhere
         with trio.fail_after(10):
             while True:
                 if api.instances[0].state == "hung":
@@ -204,6 +214,8 @@ async def test_a_remote_hung_server_takes_no_work_until_it_answers(
                     break
                 await trio.sleep(0.05)
         assert api.statistics().instances[0].hangs == 1
+        # What it held when it hung was sent elsewhere: it must not run it now.
+        assert fakes[0].queue_ids() == []
 
 
 async def test_prompts_cleared_by_someone_else_run_again(
@@ -287,3 +299,47 @@ async def test_chaos(fakes: list[FakeComfyUI], tmp_path: Path, seed: int) -> Non
         assert len(result.outputs) == 3 - len(result.failures)  # one image per shard
     paths = [o.path for r in succeeded for o in r.outputs]
     assert len(paths) == len(set(paths))  # no file reported by two jobs or twice
+
+
+async def test_chaos_on_our_processes_leaves_no_process(tmp_path: Path) -> None:
+    """Our ComfyUI processes killed or frozen at random (seeded) while jobs run: every job
+    ends, and when the api closes not one process we ever started is left."""
+    rng = random.Random(7)
+    install = lay_out_fake_comfyui_install(tmp_path / "ComfyUI")
+    api = ComfyAPI(
+        [ComfyUIInstance(install, p) for p in free_ports(3)],
+        tmp_path / "models",
+        gpu=GPUInfo(False, 3),
+        state_dir=tmp_path / "state",
+        faults=FAST,
+        env={"COMFYTRIO_FAKE_SECONDS_PER_IMAGE": "0.05"},
+        ready_timeout=30,
+    )
+    seen: set[int] = set()
+    outcomes: list[JobResult | ComfyAPIError] = []
+
+    async def job(i: int) -> None:
+        try:
+            outcomes.append(await api.run_workflow(JOB, params=params(f"p{i}", 3)))
+        except ComfyAPIError as exc:
+            outcomes.append(exc)
+
+    with trio.fail_after(120):
+        async with api:
+            async with trio.open_nursery() as jobs:
+                for i in range(30):
+                    jobs.start_soon(job, i)
+                for _ in range(4):
+                    await trio.sleep(rng.uniform(0.3, 0.8))
+                    victim = rng.choice(api.instances)
+                    if victim.process is None or victim.state != "ready":
+                        continue
+                    seen.add(victim.process.pid)
+                    os.kill(victim.process.pid, rng.choice([signal.SIGKILL, signal.SIGSTOP]))
+            seen.update(i.process.pid for i in api.instances if i.process is not None)
+    assert len(outcomes) == 30
+    assert sum(isinstance(o, JobResult) for o in outcomes) >= 27
+    for outcome in outcomes:
+        if isinstance(outcome, JobResult):
+            assert all(Path(o.path).is_file() for o in outcome.outputs)
+    assert not any(alive(pid) for pid in seen)
