@@ -201,7 +201,9 @@ class Scheduler:
         self.max_attempts = max_attempts
         self._closed = False
         self._queue: collections.deque[ShardTask] = collections.deque()
-        self._lot = trio.lowlevel.ParkingLot()
+        self._idle_lot = trio.lowlevel.ParkingLot()  # workers with no prompt in flight
+        self._busy_lot = trio.lowlevel.ParkingLot()  # workers with a free second slot
+        self._reserved = 0  # idle workers woken for new shards that have not taken yet
         self._counters: dict[str, _Counters] = {}
         self._workers: dict[str, _Worker] = {}
         self._jobs: dict[str, _Job] = {}
@@ -213,7 +215,7 @@ class Scheduler:
         """Queue a job's shards behind every shard already waiting."""
         self._jobs[job_id] = _Job(job_id, tasks, trio.current_time())
         self._queue.extend(tasks)
-        self._lot.unpark(count=len(tasks))
+        self._wake(len(tasks))
 
     async def wait(self, job_id: str) -> list[ShardTask]:
         """Until every shard of the job ended; return them in index order.
@@ -259,8 +261,17 @@ class Scheduler:
     # ------------------------------------------------------------------ workers
 
     def wake(self) -> None:
-        """Tell idle workers to look again (an instance became ready)."""
-        self._lot.unpark_all()
+        """Tell every parked worker to look again."""
+        self._reserved += len(self._idle_lot.unpark_all())
+        self._busy_lot.unpark_all()
+
+    def _wake(self, count: int) -> None:
+        """Wake workers for ``count`` new shards: idle ones first, so the shards of one job
+        spread over idle GPUs instead of queueing twice on one; busy ones for the rest."""
+        woken = len(self._idle_lot.unpark(count=count))
+        self._reserved += woken
+        if count > woken:
+            self._busy_lot.unpark(count=count - woken)
 
     async def run_worker(self, instance: _Worker) -> None:
         """Feed ``instance`` from the queue until cancelled, ``depth`` prompts at a time."""
@@ -270,34 +281,42 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             while True:
                 await slots.acquire()
-                task = await self._take(instance)
+                task = await self._take(instance, counters)
+                counters.in_flight += 1
+                if counters.busy_since is None:
+                    counters.busy_since = trio.current_time()
                 nursery.start_soon(self._run, instance, task, slots, counters)
 
-    async def _take(self, instance: _Worker) -> ShardTask:
+    async def _take(self, instance: _Worker, counters: _Counters) -> ShardTask:
+        """The next shard for ``instance``. An idle instance takes any waiting shard; a busy
+        one (filling its second slot) only what the idle ones just woken will not take."""
         while True:
             if not instance.healthy:
                 if self._queue:
-                    self._lot.unpark()  # hand the wake-up on to a worker that can take it
+                    self._wake(1)  # hand the wake-up on to a worker that can take it
                 await trio.sleep(0.2)
                 continue
-            if self._queue:
+            idle = counters.in_flight == 0
+            spare = len(self._queue) - (0 if idle else self._reserved)
+            if spare > 0:
                 return self._queue.popleft()
-            await self._lot.park()
+            if idle:
+                await self._idle_lot.park()
+                self._reserved -= 1
+            else:
+                await self._busy_lot.park()
 
     async def _run(
         self, instance: _Worker, task: ShardTask, slots: trio.Semaphore, counters: _Counters
     ) -> None:
         if task.cancelled:  # its job was cancelled between the queue and here
-            slots.release()
+            self._release(slots, counters)
             return
         now = trio.current_time()
         task.started_at, task.instance = now, instance.name
         job = self._jobs.get(task.job_id)
         if job is not None and job.started_at is None:
             job.started_at = now
-        counters.in_flight += 1
-        if counters.busy_since is None:
-            counters.busy_since = now
         try:
             with trio.CancelScope() as scope:
                 task._scope = scope
@@ -310,10 +329,6 @@ class Scheduler:
         finally:
             task._scope = None
             task.finished_at = trio.current_time()
-            counters.in_flight -= 1
-            if counters.in_flight == 0 and counters.busy_since is not None:
-                counters.busy_time += task.finished_at - counters.busy_since
-                counters.busy_since = None
             if task.failed:
                 counters.failed += 1
             else:
@@ -323,7 +338,16 @@ class Scheduler:
                 self._requeue(task)
             else:
                 task.done.set()
-            slots.release()
+            self._release(slots, counters)
+
+    def _release(self, slots: trio.Semaphore, counters: _Counters) -> None:
+        counters.in_flight -= 1
+        if counters.in_flight == 0:
+            if counters.busy_since is not None:
+                counters.busy_time += trio.current_time() - counters.busy_since
+                counters.busy_since = None
+            self._busy_lot.unpark_all()  # a parked worker may be idle now: let it look again
+        slots.release()
 
     def _should_retry(self, task: ShardTask) -> bool:
         """A shard whose server went away, or whose prompt vanished, runs again elsewhere:
@@ -350,7 +374,7 @@ class Scheduler:
         task.instance = task.started_at = task.finished_at = None
         task.outcome, task.failed = None, False
         self._queue.appendleft(task)  # it was first in line once: it goes first again
-        self._lot.unpark()
+        self._wake(1)
 
     def fail_queued(self, error: ComfyAPIError) -> int:
         """End every shard still waiting in the queue with ``error``; return how many."""

@@ -78,6 +78,20 @@ async def test_an_instance_that_finishes_early_takes_the_next_shard(
     assert on_fast >= 9  # the slow one kept at most its 2 slots busy (plus one refill)
 
 
+async def test_one_job_spreads_over_idle_instances(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        fakes = [await nursery.start(serve_fake_comfyui, tmp_path / f"f{i}") for i in range(3)]
+        for fake in fakes:
+            fake.set_seconds_per_image(0.2)
+        async with api_for(fakes, tmp_path) as api:
+            for round_ in range(5):  # each time: one shard per instance, none queued twice
+                result = await api.run_workflow(ONE_IMAGE, params=job_params(f"r{round_}", 3))
+                assert sorted(o.instance for o in result.outputs) == sorted(
+                    i.name for i in api.instances
+                )
+        nursery.cancel_scope.cancel()
+
+
 async def test_each_server_holds_at_most_the_configured_prompts(
     fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
