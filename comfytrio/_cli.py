@@ -15,12 +15,15 @@ import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import re
+import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Any, NoReturn
 import httpx
 import trio
 from rich.console import Console
+from rich.logging import RichHandler
 
 from . import __version__, _gpu
 from ._api import ComfyAPI
@@ -55,9 +59,13 @@ __all__ = [
 ]
 
 EXIT_OK = 0
+"""Everything worked."""
 EXIT_FAILED = 1
+"""The job failed (or some of its shards did), or doctor found a problem."""
 EXIT_USAGE = 2
+"""The command line, a param or the workflow file is wrong."""
 EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT); SIGTERM and SIGHUP give 128 + their number."""
 
 SEED_TITLE = "K - SEED"
 """The node title the standard plugin seeds by default (a ``seed`` param when named)."""
@@ -93,6 +101,13 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _ReportedByUs(logging.Filter):
+    """Drops the api's record of each failed shard: the command prints every error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "comfytrio" and str(record.msg).startswith("job %s: shard"))
+
+
 def _setup_logging(verbose: int, console: Console | None = None) -> None:
     """WARNING by default, INFO with ``-v``, DEBUG with ``-vv`` (the ComfyUI logs too).
 
@@ -102,13 +117,13 @@ def _setup_logging(verbose: int, console: Console | None = None) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler: logging.Handler
     if console is not None:
-        from rich.logging import RichHandler
-
         handler = RichHandler(console=console, show_path=False, show_time=verbose > 1)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if verbose <= 0:
+        handler.addFilter(_ReportedByUs())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
@@ -395,6 +410,7 @@ async def _execute(setup: _Setup, job: _Job, display: Display | None) -> JobResu
     )
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(_watch_signals)
             if display is not None:
                 await nursery.start(partial(follow_progress, api, display, workflow=job.workflow))
             try:
@@ -413,6 +429,25 @@ async def _execute(setup: _Setup, job: _Job, display: Display | None) -> JobResu
         if lone is None:
             raise
         raise lone from None
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: the job stops the way Ctrl-C stops it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def _watch_signals(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Turn SIGTERM and SIGHUP into ``_Stopped``: without this the interpreter would die at
+    once and the ComfyUI processes we started (each in its own session, so that a Ctrl-C in
+    the terminal reaches only us) would outlive it."""
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    with trio.open_signal_receiver(*wanted) as signals:
+        task_status.started()
+        async for signum in signals:
+            raise _Stopped(signum)
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -514,10 +549,18 @@ def _run_trio(
     except ComfyAPIError as exc:
         _report_error(exc, as_json=as_json)
         return EXIT_FAILED, None
-    except ValueError as exc:
-        _report_error(exc, as_json=as_json)
-        return EXIT_USAGE, None
+    except _Stopped as exc:
+        _err(f"stopped by {exc}: the job was cancelled and every ComfyUI we started was stopped")
+        return 128 + exc.signum, None
     except BaseException as exc:
+        stopped = exc.subgroup(_Stopped) if isinstance(exc, BaseExceptionGroup) else None
+        if stopped is not None:  # the signal arrived while other tasks were also ending
+            signum = single_error(stopped)
+            _err(
+                "stopped by a signal: the job was cancelled and every ComfyUI we started "
+                "was stopped"
+            )
+            return 128 + (signum.signum if isinstance(signum, _Stopped) else signal.SIGTERM), None
         if _interrupted(exc):
             _err("interrupted: the job was cancelled and every ComfyUI we started was stopped")
             return EXIT_INTERRUPTED, None
@@ -695,7 +738,8 @@ def _gpu_and_count(args: argparse.Namespace) -> tuple[GPUInfo, int]:
     if args.cpu or args.attach:
         count = args.instances or 1
         return GPUInfo(cuda_available=False, device_count=count), count
-    found = detect_gpus()
+    with _quiet_nvml():
+        found = detect_gpus()
     if not found.cuda_available:
         count = args.instances or 1
         logging.getLogger("comfytrio.cli").warning(
@@ -867,17 +911,16 @@ def _free_ports(count: int) -> list[int]:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        from ._demo import DEMO_WORKFLOW, _picture
+        from ._demo import DEMO_WORKFLOW, demo_picture
         from .testing import lay_out_fake_comfyui_install
 
-        picture = _picture()
+        picture = demo_picture()
     except ImportError as exc:  # the testing extra is missing
         _err(f"comfytrio demo needs the testing extra: pip install 'comfytrio[testing]' ({exc})")
         return EXIT_USAGE
     if args.instances < 1 or args.batch < 1:
         _err("comfytrio demo: error: --instances and --batch must be at least 1")
         return EXIT_USAGE
-    args.quiet = False
     display, console = _make_display(args)
     if console is None:
         display = None  # no status lines for the demo: its output is the report below
@@ -984,10 +1027,19 @@ def _nvml_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@contextlib.contextmanager
+def _quiet_nvml() -> Iterator[None]:
+    """Hide pynvml's own deprecation notice (it asks for nvidia-ml-py, same module)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The pynvml package is deprecated")
+        yield
+
+
 def _check_nvml(report: _Report) -> int:
     """What NVML sees; the number of GPUs (0 without NVML)."""
     try:
-        nvml = _gpu._load_nvml()
+        with _quiet_nvml():
+            nvml = _gpu._load_nvml()
         nvml.nvmlInit()
     except Exception as exc:
         report.info(f"NVML: not available ({exc}): local instances run with --cpu")
@@ -1044,7 +1096,9 @@ def _port_answer(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def _python_check(report: _Report, python: str, *, fake: bool, gpus: int, cpu: bool) -> bool:
+async def _python_check(
+    report: _Report, python: str, install: Path, *, fake: bool, gpus: int, cpu: bool
+) -> bool:
     code = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
     try:
         done = await trio.run_process(
@@ -1074,7 +1128,8 @@ async def _python_check(report: _Report, python: str, *, fake: bool, gpus: int, 
         last = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
         report.problem(
             f"{python} cannot import torch ({last}): install ComfyUI's requirements into it "
-            "(PY -m pip install -r requirements.txt) or point --python at ComfyUI's environment"
+            f"({python} -m pip install -r {install / 'requirements.txt'}) or point --python at "
+            "ComfyUI's environment"
         )
         return False
     version, cuda, devices = [*done.stdout.decode().split(), "?", "?", "?"][:3]
@@ -1105,7 +1160,7 @@ async def _check_install(report: _Report, args: argparse.Namespace, gpus: int) -
         version = match.group(1) if match else version
     report.info(f"  main.py found, version {version}" + (" (comfytrio fake)" if fake else ""))
     ok = await _python_check(
-        report, args.python or sys.executable, fake=fake, gpus=gpus, cpu=args.cpu
+        report, args.python or sys.executable, path, fake=fake, gpus=gpus, cpu=args.cpu
     )
     if (path / "models").is_dir():
         report.info(f"  models/: {_describe_models(_model_folders(path / 'models'))}")
@@ -1395,7 +1450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our stdout went away (| head): not worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     return code

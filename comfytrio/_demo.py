@@ -9,13 +9,9 @@ from __future__ import annotations
 import io
 import logging
 import socket
-from pathlib import Path
 from typing import Any
 
-from ._api import ComfyAPI
-from ._types import ComfyUIInstance, GPUInfo, JobResult
-
-__all__ = ["DEMO_WORKFLOW", "run_demo"]
+__all__ = ["DEMO_WORKFLOW", "demo_picture"]
 
 logger = logging.getLogger("comfytrio.demo")
 
@@ -66,46 +62,10 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _picture() -> bytes:
+def demo_picture() -> bytes:
+    """A small red PNG: the demo's input picture."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (128, 96), (200, 40, 40)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-async def run_demo(
-    work_dir: Path, instances: int = 2, batch: int = 4, seconds_per_image: float = 0.05
-) -> JobResult:
-    """Start ``instances`` fake ComfyUI processes under ``work_dir`` and run a batch of
-    ``batch`` images split across them, plus an inverted input picture on each.
-
-    Needs the ``testing`` extra (the fake server). Returns the job's result.
-    """
-    from .testing import lay_out_fake_comfyui_install
-
-    install = lay_out_fake_comfyui_install(work_dir / "ComfyUI")
-    models = work_dir / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    servers = [ComfyUIInstance(install, port) for port in _free_ports(instances)]
-    async with ComfyAPI(
-        servers,
-        models,
-        gpu=GPUInfo(cuda_available=False, device_count=instances),
-        state_dir=work_dir / "instances",
-        ready_timeout=60,
-        env={"COMFYTRIO_FAKE_SECONDS_PER_IMAGE": str(seconds_per_image)},
-    ) as api:
-        return await api.run_workflow(
-            DEMO_WORKFLOW,
-            params={
-                "batch_size": {
-                    "type": "integer",
-                    "value": batch,
-                    "gpu_scale": True,
-                    "node_mappings": "API - BATCH SIZE",
-                },
-                "prompt": {"type": "string", "value": "demo", "node_mappings": "API - PROMPT"},
-                "picture": {"type": "image", "value": _picture(), "node_mappings": "API - PICTURE"},
-            },
-        )

@@ -70,7 +70,8 @@ class InstanceProgress:
     name: str
     """The instance's name (``host:port``)."""
     state: str = "new"
-    """``new``, ``starting``, ``ready``, ``down`` or ``stopped`` (the instance's state)."""
+    """The instance's state: ``new``, ``starting``, ``ready``, ``down``, ``hung``,
+    ``failed`` or ``stopped``."""
     running: str | None = None
     """The prompt running on it now, if we know."""
     node: str | None = None
@@ -85,6 +86,10 @@ class InstanceProgress:
     """Shards it finished."""
     failed: int = 0
     """Shards that failed on it."""
+    restarts: int = 0
+    """How often its process was restarted (or it came back after a hang)."""
+    retried: int = 0
+    """Shards that failed on it and were sent again."""
 
     @property
     def label(self) -> str:
@@ -147,6 +152,9 @@ class ProgressState:
             view.in_flight = row.in_flight
             view.done = row.shards_done
             view.failed = row.shards_failed
+            # Fault-handling counters; older snapshots lack them.
+            view.restarts = int(getattr(row, "restarts", 0)) + int(getattr(row, "hangs", 0))
+            view.retried = int(getattr(row, "shards_retried", 0))
             if not row.in_flight:
                 view.running, view.node, view.step, view.steps = None, None, 0, 0
         for job in stats.jobs:
@@ -206,12 +214,23 @@ def render(state: ProgressState) -> RenderableType:
     table.add_column("shards", justify="right", no_wrap=True)
     table.add_column("node", overflow="ellipsis", max_width=40)
     table.add_column("steps", no_wrap=True)
-    styles = {"running": "green", "idle": "cyan", "starting": "yellow", "down": "red"}
+    styles = {
+        "running": "green",
+        "idle": "cyan",
+        "starting": "yellow",
+        "down": "red",
+        "hung": "red",
+        "failed": "red",
+    }
     for view in state.instances.values():
         label = view.label
         shards = Text(str(view.done))
         if view.failed:
             shards.append(f" ({view.failed} failed)", style="red")
+        if view.retried:
+            shards.append(f" ({view.retried} retried)", style="yellow")
+        if view.restarts:
+            shards.append(f" ({view.restarts} restarts)", style="yellow")
         steps: RenderableType = Text("")
         if view.steps:
             steps = Table.grid(padding=(0, 1))
@@ -287,7 +306,7 @@ class LineDisplay:
             previous = self._states.get(view.name)
             if view.state != previous:
                 self._states[view.name] = view.state
-                if view.state in ("starting", "ready", "down"):
+                if view.state in ("starting", "ready", "down", "hung", "failed"):
                     self._say(f"{view.name}: {view.state}")
         if state.all_ready and not self._ready_said:
             self._ready_said = True

@@ -321,6 +321,35 @@ async def test_failed_job_exits_1_with_the_typed_error(
     assert "CUDA out of memory" in error["message"]
 
 
+async def test_partial_failure_prints_the_other_files_and_exits_1(
+    fake_comfyui_factory: FakeFactory, tmp_path: Path
+) -> None:
+    good, bad = await fake_comfyui_factory(), await fake_comfyui_factory()
+    bad.fail_node("EmptyImage", message="CUDA out of memory")
+    for fake in (good, bad):
+        fake.add_input_image("example.png")
+    done = await run_cli(
+        "run",
+        str(MODEL_FREE),
+        "--url",
+        good.url,
+        "--url",
+        bad.url,
+        "--scale",
+        "API - BATCH SIZE=2",
+        "--download-dir",
+        str(tmp_path),
+    )
+    assert done.returncode == 1
+    paths = done.stdout.decode().split()
+    assert len(paths) == 2  # one generated + one inverted, from the good server
+    assert all(Path(p).is_file() for p in paths)
+    err = done.stderr.decode()
+    assert "error: shard" in err
+    assert "CUDA out of memory" in err
+    assert "1/2 shard(s) failed" in err
+
+
 def fake_pids(install: Path) -> list[int]:
     """Processes whose command line mentions the install (each has it in its folders)."""
     found = []

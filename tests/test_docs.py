@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -177,7 +178,8 @@ async def test_testing_guide_tests_pass(tmp_path: Path) -> None:
         "docs/testing.md",
         timeout=120,
     )
-    assert " passed" in output and "failed" not in output, output
+    assert " passed" in output, output
+    assert "failed" not in output, output
 
 
 # ---------------------------------------------------------------------- everything else checks
@@ -192,6 +194,15 @@ def test_python_blocks_compile(block: Block) -> None:
     compile(block.text, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
 
+def json_blocks() -> list[Block]:
+    return [b for p in all_pages() for b in blocks(p) if b.lang == "json"]
+
+
+@pytest.mark.parametrize("block", json_blocks(), ids=lambda b: b.where)
+def test_json_blocks_parse(block: Block) -> None:
+    json.loads(block.text)
+
+
 def command_lines() -> list[tuple[str, str]]:
     """Every ``comfytrio ...`` command of a shell block (continuations joined)."""
     found: list[tuple[str, str]] = []
@@ -202,8 +213,9 @@ def command_lines() -> list[tuple[str, str]]:
             joined = block.text.replace("\\\n", " ")
             for line in joined.splitlines():
                 line = line.strip().removeprefix("$ ")
-                if line.startswith("comfytrio ") and "[" not in line:  # [..]: a synopsis
-                    found.append((f"{block.where}", line))
+                if line.startswith("comfytrio "):
+                    # A synopsis writes optional parts as [--flag value]: check them too.
+                    found.append((block.where, line.replace("[", " ").replace("]", " ")))
     return found
 
 
