@@ -7,13 +7,9 @@ and started by ``ComfyAPI`` as child processes, exactly as a real install would 
 from __future__ import annotations
 
 import io
-import logging
-import socket
 from typing import Any
 
 __all__ = ["DEMO_WORKFLOW", "demo_picture"]
-
-logger = logging.getLogger("comfytrio.demo")
 
 DEMO_WORKFLOW: dict[str, Any] = {
     "1": {
@@ -49,17 +45,6 @@ DEMO_WORKFLOW: dict[str, Any] = {
     },
 }
 """The model-free workflow of the demo (as exported with "Save (API)")."""
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def demo_picture() -> bytes:
