@@ -65,10 +65,24 @@ class ComfyAPI:
     """Run workflows on several ComfyUI servers at once; use as ``async with``.
 
     ``instances`` are local installs (``ComfyUIInstance``; started by us unless
-    ``auto_start=False``) and remote servers (``RemoteComfyUI`` or a URL string). With CUDA,
-    the i-th local instance runs pinned to GPU i (``CUDA_VISIBLE_DEVICES=i``); without it,
-    local instances run with ``--cpu``. Leaving the block stops every process we started
-    (SIGTERM, then SIGKILL after ``grace`` seconds), whatever exception is in flight.
+    ``auto_start=False``, which attaches to servers already running on those ports) and
+    remote servers (``RemoteComfyUI`` or a URL string). With CUDA, the i-th local instance
+    runs pinned to GPU i (``CUDA_VISIBLE_DEVICES=i``); without it, local instances run with
+    ``--cpu``. Leaving the block stops every process we started (SIGTERM, then SIGKILL after
+    ``grace`` seconds), whatever exception is in flight.
+
+    Arguments: ``models_path`` (models root, ``checkpoints/``, ``loras/``, ...); ``gpu``
+    (``GPUInfo``; None detects with NVML); ``ready_timeout`` (seconds for a server to answer
+    ``/system_stats``); ``execution_timeout`` (seconds per shard, from its submission);
+    ``state_dir`` (per-instance folders, default ``<install>/comfytrio``); ``download_dir``
+    (outputs of remote servers, default ``./comfytrio-outputs``); ``plugins`` (a
+    ``make_plugin_manager()`` result; default: every installed plugin); ``env`` (extra
+    environment for our processes); ``prompts_per_instance`` (our prompts kept inside each
+    ComfyUI, default 2); ``faults`` (``FaultPolicy``: retries, restarts, health probes).
+
+    Raises ``ComfyUIStartupError`` (``PortInUseError``), ``ComfyUITimeoutError`` or
+    ``ServerLostError`` on entry when a server cannot be started or reached (the others are
+    stopped first), ``ValueError`` when no instance is given.
     """
 
     def __init__(
