@@ -126,7 +126,10 @@ async def main() -> None:
                 await proc.wait()
     server = "fake ComfyUI (comfytrio fake-server)" if args.url is None else args.url
     print(f"server: {server}; python {sys.version.split()[0]}; pid {os.getpid()}")
-    print("| client                             | POST->done p50 | p90 | end seen p50 | p90 |")
+    print(
+        "| client                             | POST->done p50 | POST->done p90 | end seen p50 "
+        "| end seen p90 |"
+    )
     print("| ---------------------------------- | --------- | --------- | --------- | --------- |")
     print(_row("comfytrio client (websocket)", *ws))
     print(_row("seed way: GET /history every 2 s", *poll))
