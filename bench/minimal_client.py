@@ -1,0 +1,167 @@
+"""The minimal hand-written client the benchmark holds comfytrio to; prints a JSON result.
+
+Raw HTTP (httpx) plus one websocket per server (trio-websocket), one ``client_id`` per server,
+every ``prompt_id`` chosen by us and registered before ``POST /prompt``, each job sent whole to
+the least-loaded server (fewest prompts in flight), at most ``--depth`` prompts per server at a
+time (default 2: one running, one queued behind it; 0 = send every job at once). Nothing else:
+no retries, no reconnects, no reconciliation, no downloads (it returns the servers' file
+names).
+
+    .venv/bin/python bench/minimal_client.py --urls http://127.0.0.1:8188,http://127.0.0.1:8189
+
+Usually started by ``bench/compare.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import trio_websocket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workload import (
+    JobRecord,
+    RunnerResult,
+    add_runner_arguments,
+    emit,
+    inject,
+    maxrss_kib,
+    prefix_for,
+    workflow,
+)
+
+
+class _Server:
+    """One server: its HTTP client, websocket client id and the prompts we wait for."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600.0))
+        self.in_flight = 0
+        self.done: dict[str, trio.Event] = {}
+        self.files: dict[str, list[str]] = {}
+        self.errors: dict[str, str] = {}
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws{self.url.removeprefix('http')}/ws?clientId={self.client_id}"
+
+    async def read(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, bytes):
+                continue
+            msg = json.loads(message)
+            data = msg.get("data") or {}
+            prompt_id = data.get("prompt_id")
+            if prompt_id not in self.done:
+                continue
+            kind = msg["type"]
+            if kind == "executed":
+                images = (data.get("output") or {}).get("images") or []
+                self.files[prompt_id].extend(i["filename"] for i in images)
+            elif kind == "execution_error":
+                self.errors[prompt_id] = str(data.get("exception_message"))
+            elif kind == "executing" and data.get("node") is None:
+                self.done[prompt_id].set()
+
+    async def run(self, prompt: dict[str, Any]) -> list[str]:
+        prompt_id = str(uuid.uuid4())
+        event = self.done[prompt_id] = trio.Event()
+        self.files[prompt_id] = []
+        self.in_flight += 1
+        try:
+            r = await self.http.post(
+                "/prompt",
+                json={"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id},
+            )
+            if r.status_code != 200:
+                raise RuntimeError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
+            await event.wait()
+            if prompt_id in self.errors:
+                raise RuntimeError(f"{self.url}: {self.errors.pop(prompt_id)}")
+            return self.files[prompt_id]
+        finally:
+            self.in_flight -= 1
+            del self.done[prompt_id]
+            self.files.pop(prompt_id, None)
+
+
+async def _run(args: argparse.Namespace) -> RunnerResult:
+    rss_start = maxrss_kib()
+    servers = [_Server(u) for u in args.urls.split(",") if u]
+    images: int = args.images_per_job
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            ws = await trio_websocket.connect_websocket_url(
+                nursery, server.ws_url, max_message_size=64 * 1024 * 1024
+            )
+            nursery.start_soon(server.read, ws)
+
+        depth: int = args.depth
+        slots = trio.Semaphore(len(servers) * depth if depth > 0 else 2**31 - 1)
+
+        async def one(phase: str, index: int) -> JobRecord:
+            prefix = prefix_for(args.tag, phase, index)
+            t0 = time.perf_counter()
+            error, files = None, 0
+            async with slots:  # a free slot means the least-loaded server has one
+                server = min(servers, key=lambda s: s.in_flight)
+                try:
+                    files = len(await server.run(inject(workflow(index), prefix, images)))
+                except Exception as exc:
+                    error = repr(exc)
+            return JobRecord(
+                prefix=prefix, wall_s=time.perf_counter() - t0, files=files, error=error
+            )
+
+        warmup = [await one("warm", i) for i in range(args.warmup)]
+        sequential = [await one("seq", i) for i in range(args.latency_jobs)]
+        rss_before = maxrss_kib()
+        concurrent: list[JobRecord | None] = [None] * args.jobs
+
+        async def store(index: int) -> None:
+            concurrent[index] = await one("conc", index)
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        async with trio.open_nursery() as jobs:
+            for i in range(args.jobs):
+                jobs.start_soon(store, i)
+        makespan, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        for server in servers:
+            await server.http.aclose()
+        nursery.cancel_scope.cancel()
+    return RunnerResult(
+        library="minimal",
+        warmup=warmup,
+        sequential=sequential,
+        concurrent=[r for r in concurrent if r is not None],
+        makespan_s=makespan,
+        cpu_s=cpu,
+        rss_start_kib=rss_start,
+        rss_before_kib=rss_before,
+        rss_peak_kib=maxrss_kib(),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--urls", required=True, help="comma-separated server URLs")
+    parser.add_argument(
+        "--depth", type=int, default=2, help="prompts in flight per server (default 2; 0: no limit)"
+    )
+    add_runner_arguments(parser)
+    emit(trio.run(_run, parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
