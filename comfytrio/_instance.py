@@ -124,6 +124,12 @@ class Instance:
                 self.client = await connect_comfy_client(
                     nursery, self.url, name=self.name, **self.client_options
                 )
+                try:  # asked now, so the first prompt does not wait for it
+                    await self.output_node_classes()
+                except ComfyAPIError as exc:
+                    logger.warning(
+                        "ComfyUI %s: /object_info failed (%s); will ask again", self.name, exc
+                    )
                 self.state = "ready"
                 task_status.started()
                 await self._watch_health()
