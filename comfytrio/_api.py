@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import trio
 
-from ._client import PromptResult
+from ._client import PromptResult, tls_context
 from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
@@ -216,7 +216,9 @@ class ComfyAPI:
         try:
             async with (
                 httpx.AsyncClient(
-                    timeout=httpx.Timeout(300.0, connect=10.0), follow_redirects=True
+                    verify=tls_context(),
+                    timeout=httpx.Timeout(300.0, connect=10.0),
+                    follow_redirects=True,
                 ) as http,
                 trio.open_nursery() as nursery,
             ):

@@ -22,6 +22,7 @@ Protocol facts this module is built on (recorded from a real ComfyUI 0.3.64, see
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -188,6 +189,13 @@ def _instance_name(base_url: str) -> str:
     return parts.netloc + parts.path.rstrip("/")
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client: building one per client loads the CA bundle each
+    time (seconds of CPU for a few dozen servers)."""
+    return ssl.create_default_context()
+
+
 @contextmanager
 def _transport_errors(instance: str, what: str) -> Iterator[None]:
     """Turn httpx transport failures into ServerLostError naming the server and the call."""
@@ -209,7 +217,7 @@ async def wait_server_ready(
     Raises ``ComfyUITimeoutError`` when it did not answer in ``timeout`` seconds.
     """
     owned = http is None
-    client = http or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+    client = http or httpx.AsyncClient(timeout=httpx.Timeout(5.0), verify=tls_context())
     last: str = "no answer"
     try:
         with trio.move_on_after(timeout):
@@ -975,6 +983,7 @@ async def connect_comfy_client(
         or httpx.AsyncClient(
             base_url=base,
             timeout=httpx.Timeout(60.0, connect=10.0),
+            verify=tls_context(),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         ),
         silence_timeout=silence_timeout,
