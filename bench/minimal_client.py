@@ -27,6 +27,7 @@ import trio
 import trio_websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _passes import run_passes
 from _workload import (
     JobRecord,
     RunnerResult,
@@ -124,33 +125,18 @@ async def _run(args: argparse.Namespace) -> RunnerResult:
                 prefix=prefix, wall_s=time.perf_counter() - t0, files=files, error=error
             )
 
-        warmup = [await one("warm", i) for i in range(args.warmup)]
-        sequential = [await one("seq", i) for i in range(args.latency_jobs)]
-        rss_before = maxrss_kib()
-        concurrent: list[JobRecord | None] = [None] * args.jobs
-
-        async def store(index: int) -> None:
-            concurrent[index] = await one("conc", index)
-
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        async with trio.open_nursery() as jobs:
-            for i in range(args.jobs):
-                jobs.start_soon(store, i)
-        makespan, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        result = await run_passes(
+            "minimal",
+            one,
+            warmup=args.warmup,
+            latency_jobs=args.latency_jobs,
+            jobs=args.jobs,
+            rss_start=rss_start,
+        )
         for server in servers:
             await server.http.aclose()
         nursery.cancel_scope.cancel()
-    return RunnerResult(
-        library="minimal",
-        warmup=warmup,
-        sequential=sequential,
-        concurrent=[r for r in concurrent if r is not None],
-        makespan_s=makespan,
-        cpu_s=cpu,
-        rss_start_kib=rss_start,
-        rss_before_kib=rss_before,
-        rss_peak_kib=maxrss_kib(),
-    )
+    return result
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _passes import run_passes
 from _workload import (
     JobRecord,
     RunnerResult,
@@ -86,30 +87,15 @@ async def _run(args: argparse.Namespace) -> RunnerResult:
                     prefix=prefix, wall_s=time.perf_counter() - t0, files=files, error=error
                 )
 
-            warmup = [await one("warm", i) for i in range(args.warmup)]
-            sequential = [await one("seq", i) for i in range(args.latency_jobs)]
-            rss_before = maxrss_kib()
-            concurrent: list[JobRecord | None] = [None] * args.jobs
-
-            async def store(index: int) -> None:
-                concurrent[index] = await one("conc", index)
-
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for i in range(args.jobs):
-                    nursery.start_soon(store, i)
-            makespan, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return RunnerResult(
-        library="comfytrio-local" if args.roots else "comfytrio",
-        warmup=warmup,
-        sequential=sequential,
-        concurrent=[r for r in concurrent if r is not None],
-        makespan_s=makespan,
-        cpu_s=cpu,
-        rss_start_kib=rss_start,
-        rss_before_kib=rss_before,
-        rss_peak_kib=maxrss_kib(),
-    )
+            result = await run_passes(
+                "comfytrio-local" if args.roots else "comfytrio",
+                one,
+                warmup=args.warmup,
+                latency_jobs=args.latency_jobs,
+                jobs=args.jobs,
+                rss_start=rss_start,
+            )
+    return result
 
 
 def main() -> None:
