@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from ._client import PromptResult, tls_context
-from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, single_error
+from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, leaf_errors, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
 from ._plan import JobPlan, plan_job
@@ -44,21 +44,6 @@ JOB_MARKER_INPUT = "comfytrio_prompt"
 """An extra input we add to every output node, set to the prompt id: ComfyUI ignores unknown
 inputs but counts them in its cache key, so an output node never replays the files of another
 job, another shard of the same job, or an earlier attempt of the same shard."""
-
-
-def _api_errors(group: BaseExceptionGroup[BaseException]) -> list[ComfyAPIError]:
-    """Every ComfyAPIError inside a (nested) exception group, in order."""
-    found: list[ComfyAPIError] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        elif isinstance(exc, ComfyAPIError):
-            found.append(exc)
-
-    walk(group)
-    return found
 
 
 class ComfyAPI:
@@ -272,7 +257,7 @@ class ComfyAPI:
                     starters.start_soon(nursery.start, instance.serve)
         except BaseExceptionGroup as group:
             nursery.cancel_scope.cancel()
-            errors = _api_errors(group)
+            errors = [e for e in leaf_errors(group) if isinstance(e, ComfyAPIError)]
             if not errors:
                 raise
             errors[0].other_errors = list(errors[1:])

@@ -384,6 +384,11 @@ class ComfyClient:
         self._subscribers.clear()
         await self.http.aclose()
 
+    @property
+    def connected(self) -> bool:
+        """Whether the websocket is up now."""
+        return self._connected
+
     async def wait_connected(self) -> None:
         """Block until the websocket is up."""
         await self._connected_event.wait()

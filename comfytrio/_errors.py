@@ -302,20 +302,22 @@ class ExecutionInterruptedError(ExecutionError):
         )
 
 
+def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """Every exception inside a (nested) exception group, in order."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(leaf_errors(exc))
+        else:
+            leaves.append(exc)
+    return leaves
+
+
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one exception inside a (nested) exception group, or None when there are several.
 
     Nurseries wrap what their body raises; a context manager built on a nursery unwraps a
     lone error so callers can ``except ServerLostError`` as the docs say.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = leaf_errors(group)
     return leaves[0] if len(leaves) == 1 else None

@@ -92,9 +92,7 @@ class Instance:
     @property
     def healthy(self) -> bool:
         """Ready, and its websocket is up: it may take work."""
-        return (
-            self.state == "ready" and self.client is not None and self.client.statistics().connected
-        )
+        return self.state == "ready" and self.client is not None and self.client.connected
 
     @property
     def owned(self) -> bool:
@@ -217,15 +215,16 @@ class Instance:
         """For an attached server on this machine, find its folders from its command line."""
         if self.comfyui_path is None:
             return
+        install = self.comfyui_path
         argv = [str(a) for a in stats.get("system", {}).get("argv") or []]
-        base = Path(_flag(argv, "--base-directory") or self.comfyui_path)
+        base = Path(_flag(argv, "--base-directory") or install)
         if not base.is_absolute():
-            base = self.comfyui_path / base
+            base = install / base
 
         def folder(flag: str, default: str) -> Path:
             value = _flag(argv, flag)
             path = Path(value) if value else base / default
-            return path if path.is_absolute() else self.comfyui_path / path  # type: ignore[operator]
+            return path if path.is_absolute() else install / path
 
         input_dir, output_dir = (
             folder("--input-directory", "input"),

@@ -44,12 +44,3 @@ def node_ids_by_title(workflow: Mapping[str, Any], title: str) -> list[str]:
         for node_id, node in workflow.items()
         if isinstance(node, Mapping) and title_of(node) == title
     ]
-
-
-def node_ids_by_class(workflow: Mapping[str, Any], class_type: str) -> list[str]:
-    """The ids of every node of the given ``class_type``."""
-    return [
-        node_id
-        for node_id, node in workflow.items()
-        if isinstance(node, Mapping) and node.get("class_type") == class_type
-    ]

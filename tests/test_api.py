@@ -228,6 +228,27 @@ async def test_spec_quickstart_txt2img_and_img2img(install: Path, tmp_path: Path
         async with ComfyAPI(
             instances, models_path=models, gpu=GPUInfo(False, 3), state_dir=tmp_path / "state"
         ) as api:
+            params: dict[str, dict[str, Any]] = {
+                "steps": {"type": "integer", "value": 20, "node_mappings": "API - STEP"},
+                "prompt": {
+                    "type": "string",
+                    "value": "A beautiful landscape",
+                    "node_mappings": "API - PROMPT",
+                },
+                "batch_size": {
+                    "type": "integer",
+                    "value": 4,
+                    "gpu_scale": True,
+                    "node_mappings": "API - BATCH SIZE",
+                },
+            }
+            picture = {
+                "image_input": {
+                    "type": "image",
+                    "value": web.url("/photo.png"),
+                    "node_mappings": "API - PICTURE",
+                }
+            }
             for name in ("sdxl_txt2img.json", "sdxl_img2img.json"):
                 images = await api.execute_workflow(
                     workflow=json.loads((WORKFLOWS / name).read_text()),
@@ -239,40 +260,7 @@ async def test_spec_quickstart_txt2img_and_img2img(install: Path, tmp_path: Path
                             strength=0.8,
                         )
                     ],
-                    params={
-                        "steps": {"type": "integer", "value": 20, "node_mappings": "API - STEP"},
-                        "prompt": {
-                            "type": "string",
-                            "value": "A beautiful landscape",
-                            "node_mappings": "API - PROMPT",
-                        },
-                        "batch_size": {
-                            "type": "integer",
-                            "value": 4,
-                            "gpu_scale": True,
-                            "node_mappings": "API - BATCH SIZE",
-                        },
-                        "image_input": {
-                            "type": "image",
-                            "value": web.url("/photo.png"),
-                            "node_mappings": "API - PICTURE",
-                        },
-                    }
-                    if name == "sdxl_img2img.json"
-                    else {
-                        "steps": {"type": "integer", "value": 20, "node_mappings": "API - STEP"},
-                        "prompt": {
-                            "type": "string",
-                            "value": "A beautiful landscape",
-                            "node_mappings": "API - PROMPT",
-                        },
-                        "batch_size": {
-                            "type": "integer",
-                            "value": 4,
-                            "gpu_scale": True,
-                            "node_mappings": "API - BATCH SIZE",
-                        },
-                    },
+                    params=params | picture if name == "sdxl_img2img.json" else params,
                 )
                 assert len(images) == 4, name
                 assert len(set(images)) == 4
