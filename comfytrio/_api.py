@@ -394,11 +394,16 @@ class ComfyAPI:
         return result
 
     async def _run_shard(self, instance: Instance, task: ShardTask) -> list[OutputFile]:
-        """Run one shard on ``instance`` (the scheduler's runner)."""
+        """Run one shard on ``instance`` (the scheduler's runner). Its workflow is built
+        here, when a server takes it, not while it waits in the queue."""
         shard, timeout = task.payload
-        prompt = await self._mark_outputs(shard.workflow, instance, task.prompt_id)
+        output_classes = await instance.output_node_classes()
         assert instance.client is not None
         try:
+            prompt = shard.build()
+            for node in prompt.values():
+                if isinstance(node, dict) and node.get("class_type") in output_classes:
+                    node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
             result = await instance.client.run(prompt, prompt_id=task.prompt_id, timeout=timeout)
             return await self._collect(result, instance, task.job_id)
         except ComfyAPIError as exc:
@@ -406,18 +411,6 @@ class ComfyAPI:
                 "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
             )
             raise
-
-    async def _mark_outputs(
-        self, workflow: Mapping[str, Any], instance: Instance, prompt_id: str
-    ) -> dict[str, Any]:
-        output_classes = await instance.output_node_classes()
-        marked: dict[str, Any] = {}
-        for node_id, node in workflow.items():
-            if isinstance(node, Mapping) and node.get("class_type") in output_classes:
-                node = dict(node)
-                node["inputs"] = {**node.get("inputs", {}), JOB_MARKER_INPUT: prompt_id}
-            marked[node_id] = node
-        return marked
 
     async def _collect(
         self, result: PromptResult, instance: Instance, job_id: str

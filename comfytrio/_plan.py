@@ -6,19 +6,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 
-from ._errors import NodeTitleNotFoundError, ParamError, PluginError, UnknownParamTypeError
+from ._errors import (
+    ComfyAPIError,
+    NodeTitleNotFoundError,
+    ParamError,
+    PluginError,
+    UnknownParamTypeError,
+)
 from ._plugins import Plugins
 from ._types import LoRARef, ModelRef
-from ._workflow import copy_workflow, node_ids_by_title, titles
+from ._workflow import node_ids_by_title, title_of, titles
 from .hookspecs import (
     AssetResolver,
     InstanceTarget,
@@ -26,7 +35,6 @@ from .hookspecs import (
     Param,
     ParamType,
     Shard,
-    run_concurrently,
 )
 
 __all__ = ["MAX_SEED", "JobPlan", "ShardPlan", "plan_job", "validate_params"]
@@ -43,18 +51,59 @@ _RESERVED_KEYS = frozenset({"type", "value", "node_mappings", "gpu_scale"})
 
 
 @attrs.frozen
+class _Template:
+    """What every shard of one job is built from: the workflow as JSON text (a snapshot taken
+    when the job was planned: compact while the job waits, and each shard's copy comes from
+    ``json.loads``), the checked params with their types, and the resolvers that edit each
+    shard."""
+
+    workflow_json: str
+    params: tuple[Param, ...]
+    types: Mapping[str, ParamType]
+    resolvers: tuple[AssetResolver, ...]
+    job: JobContext
+
+
+@attrs.frozen(slots=False)
 class ShardPlan:
-    """One shard of a job: a ready-to-send workflow and what went into it."""
+    """One shard of a job: its values, and how to build its workflow.
+
+    The workflow is built when asked for (``build()``: the scheduler does it when a server
+    takes the shard), not when the job is planned, so a job waiting in the queue holds the
+    caller's workflow once and a few values per shard, not a copy per shard.
+    """
 
     index: int
     """Its index among the job's ``shard_count`` shards (shards with a zero share are
     dropped, so indexes may stop short of ``shard_count``)."""
-    workflow: dict[str, Any]
-    """Its own copy of the workflow, every param and asset injected."""
     scaled: dict[str, int]
     """Its share of every ``gpu_scale`` param, by param name."""
     seeds: dict[str, int]
     """The seed given to each seed node, by node title."""
+    _values: tuple[Any, ...] = attrs.field(repr=False)
+    """The value of each of the template's params for this shard, in order."""
+    _template: _Template = attrs.field(repr=False, eq=False)
+
+    def build(self) -> dict[str, Any]:
+        """A new copy of the job's workflow with this shard's values injected and every
+        resolver's edits applied (the caller's workflow is never changed)."""
+        template = self._template
+        workflow: dict[str, Any] = json.loads(template.workflow_json)
+        for param, value in zip(template.params, self._values, strict=True):
+            param_type = template.types[param.type]
+            for node_id in param.node_ids:
+                with _plugin_contract(f"param type {param_type.name!r} (param {param.name!r})"):
+                    param_type.inject(workflow[node_id], value, param)
+        for resolver in template.resolvers:
+            with _plugin_contract(f"asset resolver {resolver.name!r}"):
+                resolver.inject(workflow, template.job)
+        return workflow
+
+    @functools.cached_property
+    def workflow(self) -> dict[str, Any]:
+        """The shard's workflow, built on first access and kept (``build()`` makes a new one
+        each time)."""
+        return self.build()
 
 
 @attrs.frozen
@@ -177,21 +226,23 @@ async def plan_job(
     """Validate, prepare and split one job into the workflows of its shards.
 
     In order: every param is validated and every resolver checks the job (no I/O yet); then,
-    concurrently, each param is prepared once (images fetched, written or uploaded to every
-    target) and each resolver resolves (models checked, LoRAs downloaded); then each shard
-    gets its own copy of ``workflow`` (never changed) with its values injected. A shard is
-    kept only when its share of every ``gpu_scale`` param is above zero; without such a
-    param there are ``shard_count`` shards. ``seed`` None draws a job seed (reported in
-    ``JobPlan.seed``).
+    one after another, each param is prepared once (images fetched, written or uploaded to
+    every target) and each resolver resolves (models checked, LoRAs downloaded); then each
+    shard gets its values. A shard is kept only when its share of every ``gpu_scale`` param
+    is above zero; without such a param there are ``shard_count`` shards. ``seed`` None
+    draws a job seed (reported in ``JobPlan.seed``). ``workflow`` is read here and never
+    changed: each ``ShardPlan.build()`` makes a new copy from a snapshot taken here.
 
     Raises ``ParamError`` and its subclasses, ``UnsafeNameError``, ``ModelNotFoundError``,
     ``DownloadError``, ``PluginError`` (a plugin broke its contract), ``ValueError`` (a bad
-    ``shard_count`` or ``seed``).
+    ``shard_count`` or ``seed``); ``ParamError`` (param ``"workflow"``) when the workflow is
+    not JSON.
     """
     if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
         raise ValueError(f"shard_count must be a positive integer, got {shard_count!r}")
     job_seed = _job_seed(seed)
     checked = validate_params(plugins, workflow, params)
+    workflow_json = _snapshot(workflow)
     types = plugins.param_types()
     resolvers = plugins.asset_resolvers()
     job = JobContext(
@@ -209,18 +260,13 @@ async def plan_job(
     for resolver in resolvers:
         resolver.check(job)
 
+    # One after another: each plugin fans its own I/O out (an image to every target at once,
+    # every LoRA at once), and a job costs no task while it is planned.
     prepared: dict[str, Any] = {}
-
-    def preparer(param: Param) -> Callable[[], Awaitable[None]]:
-        async def prepare() -> None:
-            prepared[param.name] = await types[param.type].prepare(param, job)
-
-        return prepare
-
-    def resolving(resolver: AssetResolver) -> Callable[[], Awaitable[None]]:
-        return lambda: resolver.resolve(job)
-
-    await run_concurrently([preparer(p) for p in checked] + [resolving(r) for r in resolvers])
+    for param in checked:
+        prepared[param.name] = await types[param.type].prepare(param, job)
+    for resolver in resolvers:
+        await resolver.resolve(job)
 
     shares: dict[str, list[int]] = {}
     for param in checked:
@@ -239,10 +285,11 @@ async def plan_job(
                 lost,
             )
 
+    template = _Template(workflow_json, tuple(checked), types, tuple(resolvers), job)
     shards: list[ShardPlan] = []
     for index in kept:
         shard = Shard(index=index, count=shard_count, job_seed=job_seed)
-        shard_workflow = copy_workflow(workflow)
+        values: list[Any] = []
         scaled: dict[str, int] = {}
         seeds: dict[str, int] = {}
         for param in checked:
@@ -252,16 +299,40 @@ async def plan_job(
                 value = scaled[param.name] = shares[param.name][index]
             else:
                 value = param_type.shard_value(param, prepared[param.name], shard)
-            for node_id in param.node_ids:
-                param_type.inject(shard_workflow[node_id], value, param)
+            values.append(value)
             if param_type.reports_seed:
                 for title in param.titles:
                     seeds[title] = int(value)
-        for resolver in resolvers:
-            resolver.inject(shard_workflow, job)
-        shards.append(ShardPlan(index=index, workflow=shard_workflow, scaled=scaled, seeds=seeds))
+        shards.append(ShardPlan(index, scaled, seeds, tuple(values), template))
     logger.debug("planned %d shard(s) of %d, job seed %d", len(shards), shard_count, job_seed)
     return JobPlan(shards=shards, seed=job_seed)
+
+
+def _snapshot(workflow: Mapping[str, Any]) -> str:
+    """The workflow as JSON text; ``ParamError`` naming the node that is not JSON."""
+    try:
+        return json.dumps(workflow, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        for node_id, node in workflow.items():
+            try:
+                json.dumps(node)
+            except (TypeError, ValueError):
+                title = title_of(node) if isinstance(node, Mapping) else None
+                where = f"node {node_id!r}" + (f" ({title!r})" if title else "")
+                raise ParamError("workflow", f"{where} is not JSON: {exc}") from exc
+        raise ParamError("workflow", f"is not JSON: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _plugin_contract(who: str) -> Iterator[None]:
+    """Turn an unexpected exception of a plugin's ``inject`` into a ``PluginError`` (a
+    shard is built when a server takes it, where anything else would stop the scheduler)."""
+    try:
+        yield
+    except ComfyAPIError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{who} failed to inject: {exc!r}") from exc
 
 
 def _split(param_type: ParamType, param: Param, prepared: Any, count: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -194,8 +195,8 @@ class Plugins:
     # ------------------------------------------------------------------ typed hooks
 
     def param_types(self) -> Mapping[str, ParamType]:
-        """Every registered param type, by ``type`` name."""
-        return dict(self._param_types)
+        """Every registered param type, by ``type`` name (a read-only view)."""
+        return types.MappingProxyType(self._param_types)
 
     def asset_resolvers(self) -> list[AssetResolver]:
         """Every registered asset resolver, in hook call order (the last plugin first)."""

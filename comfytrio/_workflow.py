@@ -1,4 +1,4 @@
-"""Pure functions over API-format workflows: find nodes by title, copy, inject values.
+"""Pure functions over API-format workflows: find nodes by title.
 
 An API-format workflow maps node ids to ``{"class_type", "inputs", "_meta": {"title"}}``; a
 link is ``[node_id, slot]``. Nothing here does I/O.
@@ -6,19 +6,13 @@ link is ``[node_id, slot]``. Nothing here does I/O.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Workflow", "copy_workflow", "node_ids_by_title", "titles"]
+__all__ = ["Workflow", "node_ids_by_title", "title_of", "titles"]
 
 Workflow = dict[str, dict[str, Any]]
 """An API-format workflow (node id -> node)."""
-
-
-def copy_workflow(workflow: Mapping[str, Any]) -> Workflow:
-    """Return a deep copy, so a job never changes the caller's workflow."""
-    return copy.deepcopy(dict(workflow))
 
 
 def title_of(node: Mapping[str, Any]) -> str | None:

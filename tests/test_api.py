@@ -350,6 +350,33 @@ async def test_partial_failure_returns_the_other_shards(
     assert len(paths) == 4
 
 
+async def test_a_plugin_that_breaks_when_a_shard_is_built_fails_the_job_not_the_api(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    class Broken(comfytrio.hookspecs.BaseAssetResolver):
+        """Raises while a shard's workflow is built."""
+
+        name = "broken"
+
+        def inject(self, workflow: dict[str, Any], job: comfytrio.hookspecs.JobContext) -> None:
+            if job.params["batch_size"].value == 2:
+                raise KeyError("node 99")
+
+    class Plugin:
+        @comfytrio.hookimpl
+        def register_asset_resolvers(self, register: Any) -> None:
+            register(Broken())
+
+    plugins = comfytrio.make_plugin_manager()
+    plugins.register(Plugin(), "broken")
+    async with remote_api(fakes, tmp_path, plugins=plugins) as api:
+        with pytest.raises(comfytrio.PluginError, match="'broken' failed to inject") as info:
+            await api.execute_workflow(BATCH_WORKFLOW, params=batch(2))
+        assert len(info.value.other_errors) == 1
+        assert len(await api.execute_workflow(BATCH_WORKFLOW, params=batch(3))) == 3
+    assert [len(f.prompts_received) for f in fakes] == [1, 1, 1]  # the broken job sent none
+
+
 async def test_when_every_shard_fails_the_first_error_is_raised(
     fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:

@@ -79,6 +79,29 @@ async def test_the_callers_workflow_is_never_changed() -> None:
     assert len({id(s.workflow) for s in job.shards}) == 3
 
 
+async def test_a_shard_is_built_from_the_workflow_as_it_was_when_planned() -> None:
+    workflow = load_workflow("sdxl_txt2img")
+    job = await plan(std_plugins(), workflow, {"steps": STEPS})
+    workflow["20"]["inputs"]["value"] = "changed after planning"
+    del workflow["21"]
+    built = job.shards[0].build()
+    assert built["21"]["inputs"]["value"] == 30
+    assert built["20"]["inputs"]["value"] == load_workflow("sdxl_txt2img")["20"]["inputs"]["value"]
+    again = job.shards[0].build()
+    assert again == built
+    assert again is not built
+    assert again["21"]["inputs"] is not built["21"]["inputs"]
+
+
+async def test_a_workflow_that_is_not_json_is_refused_naming_the_node() -> None:
+    workflow = load_workflow("sdxl_txt2img")
+    workflow["20"]["inputs"]["value"] = object()
+    with pytest.raises(ParamError) as info:
+        await plan(std_plugins(), workflow, {"steps": STEPS})
+    assert info.value.param == "workflow"
+    assert "node '20'" in str(info.value)
+
+
 # --------------------------------------------------------------------------- gpu_scale
 
 

@@ -230,8 +230,25 @@ async def test_hook_register_asset_resolvers() -> None:
     assert [r.name for r in resolvers] == ["stamp"]
 
     job = await plan(plugins, load_workflow("model_free"), shard_count=2, seed=7)
-    assert seen == ["check", "resolve", "inject", "inject"]
+    assert seen == ["check", "resolve"]  # a shard's workflow is built when it is sent
     assert [s.workflow["2"]["inputs"]["value"] for s in job.shards] == ["seed 7", "seed 7"]
+    assert seen == ["check", "resolve", "inject", "inject"]
+
+
+async def test_an_inject_that_raises_is_a_plugin_error_naming_the_resolver() -> None:
+    class Broken(BaseAssetResolver):
+        """Breaks its contract when a shard is built."""
+
+        name = "broken"
+
+        def inject(self, workflow: dict[str, Any], job: JobContext) -> None:
+            raise KeyError("no such node")
+
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    plugins.register(plugin_module("b", register_asset_resolvers=registers(Broken())), "b")
+    job = await plan(plugins, load_workflow("model_free"))
+    with pytest.raises(comfytrio.PluginError, match="asset resolver 'broken' failed to inject"):
+        job.shards[0].build()
 
 
 async def test_hook_default_params() -> None:
