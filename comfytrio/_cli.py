@@ -411,10 +411,17 @@ async def _execute(setup: _Setup, job: _Job, display: Display | None) -> JobResu
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_watch_signals)
+            progress = None
             if display is not None:
-                await nursery.start(partial(follow_progress, api, display, workflow=job.workflow))
+                progress = await nursery.start(
+                    partial(follow_progress, api, display, workflow=job.workflow)
+                )
             try:
                 async with api:
+                    if display is not None and progress is not None:
+                        # Every instance is ready now: show it before a quick job ends.
+                        progress.update(api.statistics(), trio.current_time())
+                        display.show(progress)
                     return await api.run_workflow(
                         job.workflow,
                         params=job.params,

@@ -37,7 +37,6 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import httpx
 import trio
-import trio_websocket
 
 from ._errors import (
     ComfyAPIError,
@@ -59,6 +58,12 @@ from ._events import (
     PromptStarted,
     PromptStatus,
     QueueStatus,
+)
+from ._websocket import (
+    WebSocket,
+    WebSocketClosed,
+    WebSocketHandshakeError,
+    websocket_handshake,
 )
 
 __all__ = [
@@ -276,7 +281,7 @@ class ComfyClient:
     _dropped: int = attrs.field(default=0, init=False)
     _abandoned: set[str] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _ws: trio_websocket.WebSocketConnection | None = attrs.field(default=None, init=False)
+    _ws: WebSocket | None = attrs.field(default=None, init=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -311,8 +316,8 @@ class ComfyClient:
                     OSError,
                     trio.TooSlowError,
                     trio.BrokenResourceError,
-                    trio_websocket.HandshakeError,
-                    trio_websocket.ConnectionClosed,
+                    WebSocketHandshakeError,
+                    WebSocketClosed,
                 ) as exc:
                     if first:
                         why = exc.__cause__ or exc
@@ -335,12 +340,8 @@ class ComfyClient:
                 backoff = min(backoff * 2, 2.0)
 
     @asynccontextmanager
-    async def _open_websocket(self) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-        """One websocket connection on a TCP stream we own and always close.
-
-        trio-websocket 0.12 does not close its stream after an abnormal closure (1006, what
-        a crashed ComfyUI gives), which would leak one socket per reconnect.
-        """
+    async def _open_websocket(self) -> AsyncIterator[WebSocket]:
+        """One websocket connection (``_websocket.py``) on a TCP stream we always close."""
         parts = urlsplit(self.url)
         secure = parts.scheme == "https"
         port = parts.port or (443 if secure else 80)
@@ -349,28 +350,17 @@ class ComfyClient:
             tcp = await trio.open_tcp_stream(parts.hostname or "", port)
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
         try:
-            if secure:
-                stream = trio.SSLStream(
-                    tcp, ssl.create_default_context(), server_hostname=parts.hostname
+            with trio.fail_after(10):
+                if secure:
+                    stream = trio.SSLStream(tcp, tls_context(), server_hostname=parts.hostname)
+                ws = await websocket_handshake(
+                    stream, parts.netloc, resource, max_message_size=_MAX_WS_MESSAGE
                 )
             try:
-                async with trio.open_nursery() as nursery:
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        stream,
-                        parts.netloc,
-                        resource,
-                        max_message_size=_MAX_WS_MESSAGE,
-                    )
-                    try:
-                        yield ws
-                    finally:
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                lone = single_error(group)
-                if lone is None:
-                    raise
-                raise lone from None
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
+                    await ws.aclose()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -438,11 +428,9 @@ class ComfyClient:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
-    async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _read(self, ws: WebSocket) -> None:
         while True:
-            message = await ws.get_message()
-            if isinstance(message, bytes):
-                continue  # binary previews; nothing we route
+            message = await ws.receive_text()  # binary previews are skipped there
             try:
                 msg = json.loads(message)
                 kind = msg["type"]

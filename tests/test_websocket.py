@@ -1,0 +1,230 @@
+"""Our websocket client (``comfytrio._websocket``): the fake ComfyUI's event stream, and the
+frame-level cases a server may send, from a raw TCP server on 127.0.0.1 that writes the
+bytes by hand."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from comfytrio._websocket import (
+    WebSocket,
+    WebSocketClosed,
+    WebSocketHandshakeError,
+    websocket_handshake,
+)
+from comfytrio.testing import FakeComfyUI
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
+
+
+def frame(opcode: int, payload: bytes, *, final: bool = True) -> bytes:
+    """A server frame (unmasked)."""
+    head = bytes([(0x80 if final else 0) | opcode])
+    if len(payload) < 126:
+        head += bytes([len(payload)])
+    elif len(payload) < 65536:
+        head += bytes([126]) + struct.pack("!H", len(payload))
+    else:
+        head += bytes([127]) + struct.pack("!Q", len(payload))
+    return head + payload
+
+
+def unmask(data: bytes) -> tuple[int, bytes]:
+    """Opcode and payload of one masked client frame (control-sized)."""
+    assert data[1] & 0x80, "client frames must be masked"
+    length = data[1] & 0x7F
+    mask, payload = data[2:6], data[6 : 6 + length]
+    return data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def accept(stream: trio.SocketStream, *, accept_key: str | None = None) -> bytes:
+    """Read the client's handshake and answer 101; return its key."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += await stream.receive_some(4096)
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    answer = accept_key or base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
+    await stream.send_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + answer.encode() + b"\r\n\r\n"
+    )
+    return key
+
+
+@asynccontextmanager
+async def raw_server(script: Script) -> AsyncIterator[tuple[WebSocket, list[bytes]]]:
+    """A websocket to a one-connection server running ``script(stream, key)``; yields it and
+    the bytes the server received after the handshake."""
+    received: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        key = await accept(stream)
+        await script(stream, key)
+        with trio.move_on_after(1):
+            while data := await stream.receive_some(4096):
+                received.append(data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        async with client:
+            ws = await websocket_handshake(
+                client, f"127.0.0.1:{port}", "/ws", max_message_size=1024
+            )
+            yield ws, received
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_fake_comfyuis_events_arrive_in_order(fake_comfyui: FakeComfyUI) -> None:
+    host = fake_comfyui.url.removeprefix("http://")
+    name, port = host.split(":")
+    async with await trio.open_tcp_stream(name, int(port)) as stream:
+        ws = await websocket_handshake(stream, host, "/ws?clientId=me", max_message_size=2**20)
+        first = json.loads(await ws.receive_text())
+        assert first["type"] == "status"
+        assert first["data"]["sid"] == "me"
+        async with httpx.AsyncClient(base_url=fake_comfyui.url) as http:
+            workflow = {
+                "1": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3},
+                },
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            }
+            answer = await http.post("/prompt", json={"prompt": workflow, "client_id": "me"})
+        prompt_id = answer.json()["prompt_id"]
+        kinds = []
+        with trio.fail_after(10):
+            while True:
+                message = json.loads(await ws.receive_text())
+                if message["data"].get("prompt_id") == prompt_id:
+                    kinds.append(message["type"])
+                    if message["type"] == "execution_success":
+                        break
+        assert kinds[0] == "execution_start"
+        assert "executed" in kinds
+        assert kinds.index("executing") < kinds.index("executed")
+        await ws.aclose()
+
+
+async def test_fragments_are_joined_and_binary_messages_skipped() -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        await stream.send_all(
+            frame(0x2, b"\x00\x00\x00\x01preview")  # binary: skipped
+            + frame(0x1, b'{"type": "a', final=False)
+            + frame(0x0, b'b", "x": "', final=False)
+            + frame(0x0, "é\"}".encode())
+            + frame(0x1, b"x" * 300)  # a 16-bit length
+        )
+
+    async with raw_server(script) as (ws, _):
+        assert json.loads(await ws.receive_text()) == {"type": "ab", "x": "é"}
+        assert await ws.receive_text() == "x" * 300
+
+
+async def test_frames_split_across_reads_are_put_together() -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        data = frame(0x1, b"hello") + frame(0x1, b"y" * 200)
+        for i in range(0, len(data), 3):
+            await stream.send_all(data[i : i + 3])
+            await trio.sleep(0.001)  # each piece arrives on its own
+
+    async with raw_server(script) as (ws, _):
+        assert await ws.receive_text() == "hello"
+        assert await ws.receive_text() == "y" * 200
+
+
+async def test_a_ping_is_answered_with_a_masked_pong() -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        await stream.send_all(frame(0x9, b"are you there") + frame(0x1, b"after"))
+
+    async with raw_server(script) as (ws, received):
+        assert await ws.receive_text() == "after"
+    assert unmask(b"".join(received)[:19]) == (0xA, b"are you there")
+
+
+async def test_a_close_is_answered_and_reported_with_its_code() -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        await stream.send_all(frame(0x8, struct.pack("!H", 1001) + b"going away"))
+
+    async with raw_server(script) as (ws, received):
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive_text()
+        assert (info.value.code, info.value.reason) == (1001, "going away")
+        with pytest.raises(WebSocketClosed):
+            await ws.receive_text()  # stays closed
+    assert unmask(b"".join(received)) == (0x8, struct.pack("!H", 1001))
+
+
+async def test_a_stream_that_just_ends_is_1006() -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        await stream.send_all(frame(0x1, b"last"))
+        await stream.aclose()
+
+    async with raw_server(script) as (ws, _):
+        assert await ws.receive_text() == "last"
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive_text()
+        assert info.value.code == 1006
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (frame(0x1, b"z" * 2000), 1009),
+        (frame(0x1, b"z" * 600, final=False) + frame(0x0, b"z" * 600), 1009),
+        (frame(0x0, b"orphan"), 1002),
+        (frame(0x1, b"\xff\xfe"), 1007),
+        (frame(0x3, b"?"), 1002),
+    ],
+)
+async def test_a_broken_or_oversized_message_closes_with_its_code(data: bytes, code: int) -> None:
+    async def script(stream: trio.SocketStream, key: bytes) -> None:
+        await stream.send_all(data)
+
+    async with raw_server(script) as (ws, _):
+        with pytest.raises(WebSocketClosed) as info:
+            await ws.receive_text()
+        assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", "403"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: wrong\r\n\r\n",
+            "does not match",
+        ),
+        (b"HTTP/1.1 101 Switch", "closed the connection during the handshake"),
+    ],
+)
+async def test_a_refused_handshake_says_why(answer: bytes, message: str) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            with pytest.raises(WebSocketHandshakeError, match=message):
+                await websocket_handshake(stream, "h", "/ws", max_message_size=1024)
+        nursery.cancel_scope.cancel()
