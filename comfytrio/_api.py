@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import uuid
@@ -422,9 +423,7 @@ class ComfyAPI:
                 assert instance.client is not None
                 safe_instance = re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
                 folder = self.download_dir / job_id / safe_instance
-                dest = (folder / ref.subfolder / ref.filename).resolve()
-                if not dest.is_relative_to(folder):
-                    raise UnsafeNameError(f"{ref.subfolder}/{ref.filename}", str(folder))
+                dest = _inside(folder, ref.subfolder, ref.filename)
                 local = await instance.client.download(ref, dest)
             files.append(
                 OutputFile(
@@ -444,3 +443,12 @@ class ComfyAPI:
         done and failed; per job its shards and when it was queued, started and finished;
         the number of shards waiting in the queue."""
         return self._scheduler.statistics(self.instances)
+
+
+def _inside(folder: Path, subfolder: str, filename: str) -> Path:
+    """``folder/subfolder/filename``, or ``UnsafeNameError`` when a server's names would
+    leave ``folder`` (a pure path check: no file system call)."""
+    dest = Path(os.path.normpath(folder / subfolder / filename))
+    if dest == folder or not dest.is_relative_to(folder):
+        raise UnsafeNameError(f"{subfolder}/{filename}", str(folder))
+    return dest

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -899,10 +899,15 @@ class ComfyClient:
         return f"{sub}/{name}" if sub else name
 
     async def download(self, ref: OutputRef, dest: Path) -> Path:
-        """``GET /view`` an output into ``dest``, atomically (a partial file never stays)."""
+        """``GET /view`` an output into ``dest``, atomically (a partial file never stays).
+
+        The body is kept in memory up to ``_DOWNLOAD_SPILL`` bytes, so a usual image costs one
+        worker-thread call (folder, write, rename) instead of one per step and chunk.
+        """
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        await trio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+        pending = bytearray()
+        file: BinaryIO | None = None
         try:
             with _transport_errors(self.name, "GET /view"):
                 async with self.http.stream("GET", "/view", params=params) as r:
@@ -911,15 +916,43 @@ class ComfyClient:
                             f"ComfyUI {self.name}: GET /view of {ref.subfolder}/{ref.filename} "
                             f"answered HTTP {r.status_code}"
                         )
-                    async with await trio.open_file(tmp, "wb") as f:
-                        async for chunk in r.aiter_bytes():
-                            await f.write(chunk)
-            await trio.Path(tmp).replace(dest)
+                    async for chunk in r.aiter_bytes():
+                        pending += chunk
+                        if len(pending) >= _DOWNLOAD_SPILL:
+                            file = await trio.to_thread.run_sync(_spill, file, tmp, bytes(pending))
+                            pending.clear()
+            await trio.to_thread.run_sync(_finish_download, file, tmp, dest, bytes(pending))
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.Path(tmp).unlink(missing_ok=True)
+                await trio.to_thread.run_sync(_discard_download, file, tmp)
             raise
         return dest
+
+
+_DOWNLOAD_SPILL = 8 * 1024 * 1024
+"""Download bodies up to this size stay in memory until they are written in one go."""
+
+
+def _spill(file: BinaryIO | None, tmp: Path, data: bytes) -> BinaryIO:
+    """Append ``data`` to the partial file (created with its folder on first use)."""
+    if file is None:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        file = tmp.open("wb")
+    file.write(data)
+    return file
+
+
+def _finish_download(file: BinaryIO | None, tmp: Path, dest: Path, data: bytes) -> None:
+    """Write the rest, close, and move the partial file into place."""
+    file = _spill(file, tmp, data)
+    file.close()
+    tmp.replace(dest)
+
+
+def _discard_download(file: BinaryIO | None, tmp: Path) -> None:
+    if file is not None:
+        file.close()
+    tmp.unlink(missing_ok=True)
 
 
 def _opt_str(value: Any) -> str | None:

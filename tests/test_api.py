@@ -434,3 +434,17 @@ async def test_identical_shards_on_one_server_get_their_own_files(
         result = await api.run_workflow(BATCH_WORKFLOW, params=batch(4))
     assert len(result.shards) == 2
     assert len({(o.subfolder, o.filename) for o in result.outputs}) == 4
+
+
+@pytest.mark.parametrize(
+    ("subfolder", "filename"),
+    [("", "../x.png"), ("a/../..", "x.png"), ("/etc", "passwd"), ("", ""), ("..", "")],
+)
+def test_a_servers_output_name_never_leaves_the_download_folder(
+    tmp_path: Path, subfolder: str, filename: str
+) -> None:
+    with pytest.raises(comfytrio.UnsafeNameError):
+        comfytrio._api._inside(tmp_path / "job", subfolder, filename)
+    assert comfytrio._api._inside(tmp_path / "job", "sub/a/..", "x.png") == (
+        tmp_path / "job" / "sub" / "x.png"
+    )

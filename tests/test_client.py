@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
+import comfytrio._client
 from comfytrio import (
     ComfyClient,
     ComfyUITimeoutError,
@@ -17,6 +20,7 @@ from comfytrio import (
     ExecutionInterruptedError,
     NodeOutput,
     NodeStarted,
+    OutputRef,
     PromptFinished,
     PromptVanishedError,
     ServerLostError,
@@ -235,6 +239,40 @@ async def test_download_writes_the_file_atomically(client: ComfyClient, tmp_path
     dest = await client.download(ref, tmp_path / "got" / "x.png")
     assert dest.read_bytes().startswith(b"\x89PNG")
     assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
+
+
+async def test_a_large_download_is_written_in_pieces(
+    fake: FakeComfyUI, client: ComfyClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(comfytrio._client, "_DOWNLOAD_SPILL", 64)
+    result = await client.run(empty_to_save(prefix="big"))
+    ref = result.files[0]
+    dest = await client.download(ref, tmp_path / "got" / "x.png")
+    assert dest.read_bytes() == (fake.output_dir / ref.subfolder / ref.filename).read_bytes()
+    assert len(dest.read_bytes()) > 3 * 64  # written in several pieces
+    assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
+
+
+@pytest.mark.parametrize("spill", [100, 8 * 1024 * 1024])
+async def test_a_download_cut_mid_body_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: int
+) -> None:
+    monkeypatch.setattr(comfytrio._client, "_DOWNLOAD_SPILL", spill)
+
+    async def half_a_file(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 400)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, half_a_file, 0, host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=url) as http:
+            client = ComfyClient(url=url, name="cut", client_id="c", http=http)
+            with pytest.raises(ServerLostError, match="GET /view"):
+                await client.download(OutputRef("9", "x.png", "", "output"), tmp_path / "x.png")
+        nursery.cancel_scope.cancel()
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_models_and_system_stats(fake: FakeComfyUI, client: ComfyClient) -> None:

@@ -129,7 +129,7 @@ async def test_fragments_are_joined_and_binary_messages_skipped() -> None:
             frame(0x2, b"\x00\x00\x00\x01preview")  # binary: skipped
             + frame(0x1, b'{"type": "a', final=False)
             + frame(0x0, b'b", "x": "', final=False)
-            + frame(0x0, "é\"}".encode())
+            + frame(0x0, 'é"}'.encode())
             + frame(0x1, b"x" * 300)  # a 16-bit length
         )
 
