@@ -8,6 +8,7 @@ finds it through its ``comfytrio`` entry point, exactly as it finds the standard
 from __future__ import annotations
 
 import importlib.metadata
+from typing import Any
 
 import pytest
 from test_plugins_support import load_workflow, plan
@@ -29,7 +30,7 @@ def test_the_plugin_manager_finds_it_through_its_entry_point() -> None:
 
 
 async def test_its_param_type_works_in_a_workflow() -> None:
-    params = {
+    params: dict[str, dict[str, Any]] = {
         "size": {"type": "size", "value": "832x1216", "node_mappings": "Empty Latent Image"},
         "batch": {
             "type": "integer",
