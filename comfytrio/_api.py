@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -36,10 +36,14 @@ from ._types import (
     ShardFailure,
     ShardReport,
 )
+from .hookspecs import run_concurrently
 
 __all__ = ["ComfyAPI"]
 
 logger = logging.getLogger("comfytrio")
+
+_DOWNLOADS_PER_SHARD = 8
+"""How many of one shard's outputs are downloaded at the same time."""
 
 JOB_MARKER_INPUT = "comfytrio_prompt"
 """An extra input we add to every output node, set to the prompt id: ComfyUI ignores unknown
@@ -416,27 +420,42 @@ class ComfyAPI:
     async def _collect(
         self, result: PromptResult, instance: Instance, job_id: str
     ) -> list[OutputFile]:
-        files: list[OutputFile] = []
-        for ref in result.files:
-            local = instance.local_path(ref)
-            if local is None:
-                assert instance.client is not None
-                safe_instance = re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
-                folder = self.download_dir / job_id / safe_instance
-                dest = _inside(folder, ref.subfolder, ref.filename)
-                local = await instance.client.download(ref, dest)
-            files.append(
-                OutputFile(
-                    path=str(local),
-                    instance=instance.name,
-                    prompt_id=result.prompt_id,
-                    node_id=ref.node_id,
-                    filename=ref.filename,
-                    subfolder=ref.subfolder,
-                    type=ref.type,
-                )
+        """The shard's outputs as files here: read in place on a local instance, else
+        downloaded, all of the shard's files at once (at most ``_DOWNLOADS_PER_SHARD``)."""
+        paths: list[Path | None] = [instance.local_path(ref) for ref in result.files]
+        missing = [i for i, path in enumerate(paths) if path is None]
+        if missing:
+            client = instance.client
+            assert client is not None
+            folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
+            limit = trio.Semaphore(_DOWNLOADS_PER_SHARD)
+
+            def fetching(index: int) -> Callable[[], Awaitable[None]]:
+                ref = result.files[index]
+
+                async def fetch() -> None:
+                    async with limit:
+                        dest = _inside(folder, ref.subfolder, ref.filename)
+                        paths[index] = await client.download(ref, dest)
+
+                return fetch
+
+            if len(missing) == 1:
+                await fetching(missing[0])()
+            else:
+                await run_concurrently(fetching(i) for i in missing)
+        return [
+            OutputFile(
+                path=str(path),
+                instance=instance.name,
+                prompt_id=result.prompt_id,
+                node_id=ref.node_id,
+                filename=ref.filename,
+                subfolder=ref.subfolder,
+                type=ref.type,
             )
-        return files
+            for ref, path in zip(result.files, paths, strict=True)
+        ]
 
     def statistics(self) -> ApiStatistics:
         """A frozen snapshot: per instance its state, prompts in flight, busy time, shards

@@ -41,6 +41,7 @@ import trio
 from ._errors import (
     ComfyAPIError,
     ComfyUITimeoutError,
+    DownloadError,
     ExecutionError,
     ExecutionInterruptedError,
     PromptVanishedError,
@@ -902,7 +903,9 @@ class ComfyClient:
         """``GET /view`` an output into ``dest``, atomically (a partial file never stays).
 
         The body is kept in memory up to ``_DOWNLOAD_SPILL`` bytes, so a usual image costs one
-        worker-thread call (folder, write, rename) instead of one per step and chunk.
+        worker-thread call (folder, write, rename) instead of one per step and chunk. Raises
+        ``ServerLostError`` when the server fails mid-body, ``DownloadError`` when the file
+        cannot be written (disk full, no permission), ``ComfyAPIError`` for an HTTP error.
         """
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
@@ -919,14 +922,28 @@ class ComfyClient:
                     async for chunk in r.aiter_bytes():
                         pending += chunk
                         if len(pending) >= _DOWNLOAD_SPILL:
-                            file = await trio.to_thread.run_sync(_spill, file, tmp, bytes(pending))
+                            with _write_errors(self.url, params, dest):
+                                file = await trio.to_thread.run_sync(
+                                    _spill, file, tmp, bytes(pending)
+                                )
                             pending.clear()
-            await trio.to_thread.run_sync(_finish_download, file, tmp, dest, bytes(pending))
+            with _write_errors(self.url, params, dest):
+                await trio.to_thread.run_sync(_finish_download, file, tmp, dest, bytes(pending))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_discard_download, file, tmp)
             raise
         return dest
+
+
+@contextmanager
+def _write_errors(base_url: str, params: Mapping[str, str], dest: Path) -> Iterator[None]:
+    """A local file error while saving a download is the job's error, not the api's."""
+    try:
+        yield
+    except OSError as exc:
+        url = httpx.URL(f"{base_url}/view", params=dict(params))
+        raise DownloadError(str(url), f"cannot write {dest}: {exc}") from exc
 
 
 _DOWNLOAD_SPILL = 8 * 1024 * 1024
@@ -950,9 +967,14 @@ def _finish_download(file: BinaryIO | None, tmp: Path, dest: Path, data: bytes) 
 
 
 def _discard_download(file: BinaryIO | None, tmp: Path) -> None:
-    if file is not None:
-        file.close()
-    tmp.unlink(missing_ok=True)
+    """Close and remove the partial file, if there is one (never raises: the error that
+    got us here is the one to report)."""
+    try:
+        if file is not None:
+            file.close()
+        tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not remove the partial download %s: %s", tmp, exc)
 
 
 def _opt_str(value: Any) -> str | None:

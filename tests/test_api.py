@@ -325,6 +325,39 @@ async def test_remote_servers_get_uploads_and_outputs_are_downloaded(
         assert any(name.startswith("comfytrio_") for name in uploaded)
 
 
+async def test_every_output_of_a_remote_shard_is_downloaded(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    async with remote_api(fakes[:1], tmp_path) as api:
+        result = await api.run_workflow(BATCH_WORKFLOW, params=batch(5))
+    assert len(result.outputs) == 5
+    paths = [Path(o.path) for o in result.outputs]
+    assert len(set(paths)) == 5
+    for output, path in zip(result.outputs, paths, strict=True):
+        assert path.name == output.filename
+        assert (
+            path.read_bytes()
+            == (fakes[0].output_dir / output.subfolder / output.filename).read_bytes()
+        )
+    assert not [p for p in paths[0].parent.iterdir() if p.name.endswith(".part")]
+
+
+async def test_an_output_that_cannot_be_saved_is_a_download_error(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    (tmp_path / "downloads").write_text("a file where the folder should be")
+    async with remote_api(fakes, tmp_path) as api:
+        with pytest.raises(comfytrio.DownloadError, match="cannot write") as info:
+            await api.execute_workflow(BATCH_WORKFLOW, params=batch(2))
+        assert "/view?filename=" in info.value.url
+        assert statistics_ok(api)
+
+
+def statistics_ok(api: ComfyAPI) -> bool:
+    """Every instance is still ready and takes work."""
+    return all(i.state == "ready" for i in api.statistics().instances)
+
+
 async def test_zero_shares_are_not_sent(fakes: list[FakeComfyUI], tmp_path: Path) -> None:
     async with remote_api(fakes, tmp_path) as api:
         result = await api.run_workflow(BATCH_WORKFLOW, params=batch(1))
