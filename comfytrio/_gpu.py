@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from ._errors import GPUDetectionError
@@ -14,7 +15,11 @@ logger = logging.getLogger("comfytrio.gpu")
 
 
 def _load_nvml() -> Any:
-    import pynvml
+    # The `pynvml` distribution (12+) warns on import that it wraps `nvidia-ml-py`; both give
+    # the same `pynvml` module, and a user cannot act on that warning from our import.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The pynvml package is deprecated", FutureWarning)
+        import pynvml
 
     return pynvml
 

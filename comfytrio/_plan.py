@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import secrets
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,8 @@ async def plan_job(
 def _snapshot(workflow: Mapping[str, Any]) -> str:
     """The workflow as JSON text; ``ParamError`` naming the node that is not JSON."""
     try:
-        return json.dumps(workflow, separators=(",", ":"))
+        # Interned: the jobs that share one workflow (only their params differ) share its text.
+        return sys.intern(json.dumps(workflow, separators=(",", ":")))
     except (TypeError, ValueError) as exc:
         for node_id, node in workflow.items():
             try:

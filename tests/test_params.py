@@ -93,6 +93,14 @@ async def test_a_shard_is_built_from_the_workflow_as_it_was_when_planned() -> No
     assert again["21"]["inputs"] is not built["21"]["inputs"]
 
 
+async def test_jobs_of_one_workflow_share_its_snapshot() -> None:
+    """A waiting job holds no copy of a workflow that other jobs already hold."""
+    first = await plan(std_plugins(), load_workflow("sdxl_txt2img"), {"steps": STEPS})
+    second = await plan(std_plugins(), load_workflow("sdxl_txt2img"), {"prompt": PROMPT})
+    assert first.shards[0]._template.workflow_json is second.shards[0]._template.workflow_json
+    assert second.shards[0].build()["20"]["inputs"]["value"] == "a red fox"
+
+
 async def test_a_workflow_that_is_not_json_is_refused_naming_the_node() -> None:
     workflow = load_workflow("sdxl_txt2img")
     workflow["20"]["inputs"]["value"] = object()
