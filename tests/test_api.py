@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from comfytrio import (
     ModelRef,
     PortInUseError,
 )
-from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install, serve_fake_comfyui
+from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install
 
 WORKFLOWS = Path(__file__).parent / "workflows"
 
@@ -291,11 +291,9 @@ async def test_the_same_job_twice_never_returns_the_same_file(
 
 
 @pytest.fixture
-async def fakes(tmp_path: Path) -> AsyncIterator[list[FakeComfyUI]]:
-    async with trio.open_nursery() as nursery:
-        servers = [await nursery.start(serve_fake_comfyui, tmp_path / f"fake{i}") for i in range(3)]
-        yield servers
-        nursery.cancel_scope.cancel()
+async def fakes(fake_comfyui_factory: Callable[[], Awaitable[FakeComfyUI]]) -> list[FakeComfyUI]:
+    """3 fake servers (the plugin's factory: they stop with the test)."""
+    return [await fake_comfyui_factory() for _ in range(3)]
 
 
 def remote_api(fakes: list[FakeComfyUI], tmp_path: Path, **kwargs: Any) -> ComfyAPI:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from comfytrio import (
     JobResult,
     ServerLostError,
 )
-from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install, serve_fake_comfyui
+from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install
 
 FAST = FaultPolicy(
     restart_backoff=0.2,
@@ -75,11 +75,9 @@ def check_reported_once(result: JobResult, images: int) -> None:
 
 
 @pytest.fixture
-async def fakes(tmp_path: Path) -> AsyncIterator[list[FakeComfyUI]]:
-    async with trio.open_nursery() as nursery:
-        servers = [await nursery.start(serve_fake_comfyui, tmp_path / f"fake{i}") for i in range(3)]
-        yield servers
-        nursery.cancel_scope.cancel()
+async def fakes(fake_comfyui_factory: Callable[[], Awaitable[FakeComfyUI]]) -> list[FakeComfyUI]:
+    """3 fake servers (the plugin's factory: they stop with the test)."""
+    return [await fake_comfyui_factory() for _ in range(3)]
 
 
 def remote(fakes: list[FakeComfyUI], tmp_path: Path) -> ComfyAPI:

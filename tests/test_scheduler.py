@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,9 @@ def job_params(prefix: str, images: int = 1) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-async def fakes(tmp_path: Path) -> AsyncIterator[list[FakeComfyUI]]:
-    async with trio.open_nursery() as nursery:
-        servers = [await nursery.start(serve_fake_comfyui, tmp_path / f"fake{i}") for i in range(2)]
-        yield servers
-        nursery.cancel_scope.cancel()
+async def fakes(fake_comfyui_factory: Callable[[], Awaitable[FakeComfyUI]]) -> list[FakeComfyUI]:
+    """2 fake servers (the plugin's factory: they stop with the test)."""
+    return [await fake_comfyui_factory() for _ in range(2)]
 
 
 def api_for(fakes: list[FakeComfyUI], tmp_path: Path, **kwargs: Any) -> ComfyAPI:
