@@ -14,7 +14,9 @@ Libraries (``--libraries``, in this order by default):
 - ``comfytrio``: ``ComfyAPI(["http://127.0.0.1:P", ...])``, remote servers, outputs downloaded;
 - ``comfytrio-local``: ``ComfyAPI([ComfyUIInstance(root, P), ...], auto_start=False)``, outputs
   read in place (no download);
-- ``minimal``: bench/minimal_client.py (raw HTTP + one websocket per server);
+- ``minimal``: bench/minimal_client.py (httpx + one trio-websocket per server);
+- ``minimal-raw``: bench/minimal_raw_client.py (hand-written HTTP/1.1 + comfytrio's websocket
+  reader: the CPU floor of a Python trio client);
 - ``seed``: techtrash-comfyapi 1.1.3 in bench/.seed-venv (``bench/seed_venv.sh`` makes it),
   with ``--seed-jobs`` / ``--seed-latency-jobs`` (it polls every 2 s and fans every job out to
   every server).
@@ -50,7 +52,7 @@ from _workload import PREFIX_TITLE, RunnerResult, percentile
 
 HERE = Path(__file__).resolve().parent
 
-LIBRARIES = ("comfytrio", "comfytrio-local", "minimal", "seed")
+LIBRARIES = ("comfytrio", "comfytrio-local", "minimal", "minimal-raw", "seed")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -208,6 +210,8 @@ def runner_command(
         ]
     if library == "minimal":
         return [sys.executable, str(HERE / "minimal_client.py"), "--urls", urls, *depth]
+    if library == "minimal-raw":
+        return [sys.executable, str(HERE / "minimal_raw_client.py"), "--urls", urls, *depth]
     if library == "seed":
         return [
             str(args.seed_python),
