@@ -19,6 +19,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,40 +41,64 @@ from _workload import (
 )
 
 
-class _Server:
-    """One server: its HTTP client, websocket client id and the prompts we wait for."""
+class MinimalServer:
+    """One server: its websocket client id, the prompts we wait for, and how we talk to it
+    (httpx and trio-websocket here; ``minimal_raw_client.py`` overrides the transport)."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600.0))
         self.in_flight = 0
         self.done: dict[str, trio.Event] = {}
         self.files: dict[str, list[str]] = {}
         self.errors: dict[str, str] = {}
+        self.http: httpx.AsyncClient | None = None
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws{self.url.removeprefix('http')}/ws?clientId={self.client_id}"
+    # ------------------------------------------------------------------ transport
 
-    async def read(self, ws: trio_websocket.WebSocketConnection) -> None:
-        while True:
-            message = await ws.get_message()
-            if isinstance(message, bytes):
-                continue
-            msg = json.loads(message)
-            data = msg.get("data") or {}
-            prompt_id = data.get("prompt_id")
-            if prompt_id not in self.done:
-                continue
-            kind = msg["type"]
-            if kind == "executed":
-                images = (data.get("output") or {}).get("images") or []
-                self.files[prompt_id].extend(i["filename"] for i in images)
-            elif kind == "execution_error":
-                self.errors[prompt_id] = str(data.get("exception_message"))
-            elif kind == "executing" and data.get("node") is None:
-                self.done[prompt_id].set()
+    async def connect(self, nursery: trio.Nursery) -> None:
+        """Open the HTTP client and the websocket (read in ``nursery``)."""
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600.0))
+        ws_url = f"ws{self.url.removeprefix('http')}/ws?clientId={self.client_id}"
+        ws = await trio_websocket.connect_websocket_url(
+            nursery, ws_url, max_message_size=64 * 1024 * 1024
+        )
+
+        async def read() -> None:
+            while True:
+                message = await ws.get_message()
+                if isinstance(message, str):
+                    self.handle(message)
+
+        nursery.start_soon(read)
+
+    async def post_prompt(self, body: dict[str, Any]) -> tuple[int, str]:
+        """``POST /prompt``; (status, body text)."""
+        assert self.http is not None
+        r = await self.http.post("/prompt", json=body)
+        return r.status_code, r.text
+
+    async def aclose(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+
+    # ------------------------------------------------------------------ prompts
+
+    def handle(self, message: str) -> None:
+        """One websocket text message."""
+        msg = json.loads(message)
+        data = msg.get("data") or {}
+        prompt_id = data.get("prompt_id")
+        if prompt_id not in self.done:
+            return
+        kind = msg["type"]
+        if kind == "executed":
+            images = (data.get("output") or {}).get("images") or []
+            self.files[prompt_id].extend(i["filename"] for i in images)
+        elif kind == "execution_error":
+            self.errors[prompt_id] = str(data.get("exception_message"))
+        elif kind == "executing" and data.get("node") is None:
+            self.done[prompt_id].set()
 
     async def run(self, prompt: dict[str, Any]) -> list[str]:
         prompt_id = str(uuid.uuid4())
@@ -81,12 +106,11 @@ class _Server:
         self.files[prompt_id] = []
         self.in_flight += 1
         try:
-            r = await self.http.post(
-                "/prompt",
-                json={"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id},
+            status, text = await self.post_prompt(
+                {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
             )
-            if r.status_code != 200:
-                raise RuntimeError(f"{self.url}: HTTP {r.status_code}: {r.text[:300]}")
+            if status != 200:
+                raise RuntimeError(f"{self.url}: HTTP {status}: {text[:300]}")
             await event.wait()
             if prompt_id in self.errors:
                 raise RuntimeError(f"{self.url}: {self.errors.pop(prompt_id)}")
@@ -97,16 +121,16 @@ class _Server:
             self.files.pop(prompt_id, None)
 
 
-async def _run(args: argparse.Namespace) -> RunnerResult:
+async def run_minimal(
+    library: str, args: argparse.Namespace, make_server: Callable[[str], MinimalServer]
+) -> RunnerResult:
+    """The measuring passes with least-loaded dispatch over one server object per URL."""
     rss_start = maxrss_kib()
-    servers = [_Server(u) for u in args.urls.split(",") if u]
+    servers = [make_server(u) for u in args.urls.split(",") if u]
     images: int = args.images_per_job
     async with trio.open_nursery() as nursery:
         for server in servers:
-            ws = await trio_websocket.connect_websocket_url(
-                nursery, server.ws_url, max_message_size=64 * 1024 * 1024
-            )
-            nursery.start_soon(server.read, ws)
+            await server.connect(nursery)
 
         depth: int = args.depth
         slots = trio.Semaphore(len(servers) * depth if depth > 0 else 2**31 - 1)
@@ -126,27 +150,31 @@ async def _run(args: argparse.Namespace) -> RunnerResult:
             )
 
         result = await run_passes(
-            "minimal",
+            library,
             one,
             warmup=args.warmup,
             latency_jobs=args.latency_jobs,
             jobs=args.jobs,
             rss_start=rss_start,
         )
-        for server in servers:
-            await server.http.aclose()
         nursery.cancel_scope.cancel()
+    for server in servers:
+        await server.aclose()
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--urls", required=True, help="comma-separated server URLs")
     parser.add_argument(
         "--depth", type=int, default=2, help="prompts in flight per server (default 2; 0: no limit)"
     )
     add_runner_arguments(parser)
-    emit(trio.run(_run, parser.parse_args()))
+    return parser.parse_args()
+
+
+def main() -> None:
+    emit(trio.run(run_minimal, "minimal", parse_args(), MinimalServer))
 
 
 if __name__ == "__main__":
