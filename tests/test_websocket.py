@@ -5,8 +5,10 @@ bytes by hand."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +17,10 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trustme
 
+import comfytrio._client
+from comfytrio import QueueStatus, ServerLostError, connect_comfy_client, open_comfy_client
 from comfytrio._websocket import (
     WebSocket,
     WebSocketClosed,
@@ -48,7 +53,7 @@ def unmask(data: bytes) -> tuple[int, bytes]:
     return data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def accept(stream: trio.SocketStream, *, accept_key: str | None = None) -> bytes:
+async def accept(stream: trio.abc.Stream, *, accept_key: str | None = None) -> bytes:
     """Read the client's handshake and answer 101; return its key."""
     request = b""
     while b"\r\n\r\n" not in request:
@@ -227,4 +232,46 @@ async def test_a_refused_handshake_says_why(answer: bytes, message: str) -> None
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             with pytest.raises(WebSocketHandshakeError, match=message):
                 await websocket_handshake(stream, "h", "/ws", max_message_size=1024)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_wss_server_is_reached_with_its_certificate_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ca = trustme.CA()
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    status = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 3}}}}
+    subscribed = trio.Event()
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await accept(stream)
+            await subscribed.wait()
+            await stream.send_all(frame(0x1, json.dumps(status).encode()))
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_ssl_over_tcp, handler, 0, server_ssl, host="127.0.0.1")
+        )
+        url = f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}"
+
+        # Our default context does not know this CA: the certificate is refused.
+        with pytest.raises(ServerLostError, match="cannot connect"):
+            async with open_comfy_client(url):
+                pass
+
+        monkeypatch.setattr(comfytrio._client, "tls_context", lambda: trusting)
+        async with httpx.AsyncClient(base_url=url, verify=trusting) as http:
+            client = await connect_comfy_client(nursery, url, http=http)
+            assert client.connected
+            async with client.subscribe() as events:
+                subscribed.set()
+                with trio.fail_after(5):
+                    event = await events.receive()
+            assert event == QueueStatus(client.name, 3)
+            await client.aclose()
         nursery.cancel_scope.cancel()
