@@ -180,7 +180,15 @@ class ComfyAPI:
         for server in remote:
             url = server.url.rstrip("/")
             name = server.name or re.sub(r"^https?://", "", url)
-            built.append(Instance(len(built), name, url, **self._instance_options()))
+            built.append(
+                Instance(
+                    len(built),
+                    name,
+                    url,
+                    ssl_context=server.ssl_context,
+                    **self._instance_options(),
+                )
+            )
         if not built:
             raise ValueError("ComfyAPI needs at least one instance to run on")
         return built

@@ -217,13 +217,18 @@ async def wait_server_ready(
     timeout: float = 120.0,
     http: httpx.AsyncClient | None = None,
     interval: float = 0.1,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
-    """Poll ``GET /system_stats`` until it answers 200; return its JSON.
+    """Poll ``GET /system_stats`` until it answers 200; return its JSON. ``ssl_context``
+    checks an https server's certificate when ``http`` is not given (default: the system's
+    CAs).
 
     Raises ``ComfyUITimeoutError`` when it did not answer in ``timeout`` seconds.
     """
     owned = http is None
-    client = http or httpx.AsyncClient(timeout=httpx.Timeout(5.0), verify=tls_context())
+    client = http or httpx.AsyncClient(
+        timeout=httpx.Timeout(5.0), verify=ssl_context or tls_context()
+    )
     last: str = "no answer"
     try:
         with trio.move_on_after(timeout):
@@ -272,6 +277,8 @@ class ComfyClient:
     ``ServerLostError``."""
     cancel_timeout: float = 5.0
     """At most this long is spent removing a cancelled or timed-out prompt from the server."""
+    ssl_context: ssl.SSLContext | None = None
+    """Checks an https server's certificate on the websocket (None: the system's CAs)."""
 
     _watches: dict[str, _Watch] = attrs.field(factory=dict, init=False)
     _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(factory=list, init=False)
@@ -353,7 +360,9 @@ class ComfyClient:
         try:
             with trio.fail_after(10):
                 if secure:
-                    stream = trio.SSLStream(tcp, tls_context(), server_hostname=parts.hostname)
+                    stream = trio.SSLStream(
+                        tcp, self.ssl_context or tls_context(), server_hostname=parts.hostname
+                    )
                 ws = await websocket_handshake(
                     stream, parts.netloc, resource, max_message_size=_MAX_WS_MESSAGE
                 )
@@ -1016,11 +1025,14 @@ async def connect_comfy_client(
     http: httpx.AsyncClient | None = None,
     silence_timeout: float = 30.0,
     reconnect_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ComfyClient:
     """Connect to the server at ``url`` with its websocket task running in ``nursery``.
 
     The advanced form of ``open_comfy_client()``: the caller owns the nursery and must call
-    ``await client.aclose()``. Raises ``ServerLostError`` when the websocket cannot be opened.
+    ``await client.aclose()``. ``ssl_context`` checks an https server's certificate (for the
+    websocket, and for HTTP unless ``http`` is given); default: the system's CAs. Raises
+    ``ServerLostError`` when the websocket cannot be opened.
     """
     base = url.rstrip("/")
     client = ComfyClient(
@@ -1031,11 +1043,12 @@ async def connect_comfy_client(
         or httpx.AsyncClient(
             base_url=base,
             timeout=httpx.Timeout(60.0, connect=10.0),
-            verify=tls_context(),
+            verify=ssl_context or tls_context(),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         ),
         silence_timeout=silence_timeout,
         reconnect_timeout=reconnect_timeout,
+        ssl_context=ssl_context,
     )
     try:
         await nursery.start(client._serve)
@@ -1053,12 +1066,14 @@ async def open_comfy_client(
     client_id: str | None = None,
     silence_timeout: float = 30.0,
     reconnect_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ComfyClient]:
     """Open a client for the ComfyUI server at ``url`` (its websocket is up on entry)::
 
         async with open_comfy_client("http://127.0.0.1:8188") as client:
             result = await client.run(workflow)
 
+    ``ssl_context`` checks an https server's certificate (default: the system's CAs).
     Raises ``ServerLostError`` when the server cannot be reached.
     """
     try:
@@ -1070,6 +1085,7 @@ async def open_comfy_client(
                 client_id=client_id,
                 silence_timeout=silence_timeout,
                 reconnect_timeout=reconnect_timeout,
+                ssl_context=ssl_context,
             )
             try:
                 yield client

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ class Instance:
     ``stopped``."""
     client_options: dict[str, Any] = attrs.field(factory=dict)
     """Keyword arguments for ``connect_comfy_client`` (timeouts)."""
+    ssl_context: ssl.SSLContext | None = None
+    """Checks an https server's certificate (None: the system's CAs)."""
     max_restarts: int = 5
     """How often our process is restarted after it died, before the instance is given up."""
     restart_backoff: float = 1.0
@@ -117,10 +120,16 @@ class Instance:
                     self.input_dir, self.output_dir = dirs.input, dirs.output
                     self.temp_dir = dirs.temp / "temp"
                 else:
-                    stats = await wait_server_ready(self.url, timeout=self.ready_timeout)
+                    stats = await wait_server_ready(
+                        self.url, timeout=self.ready_timeout, ssl_context=self.ssl_context
+                    )
                     await self._find_local_dirs(stats)
                 self.client = await connect_comfy_client(
-                    nursery, self.url, name=self.name, **self.client_options
+                    nursery,
+                    self.url,
+                    name=self.name,
+                    ssl_context=self.ssl_context,
+                    **self.client_options,
                 )
                 try:  # asked now, so the first prompt does not wait for it
                     await self.output_node_classes()

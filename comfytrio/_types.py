@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import attrs
@@ -113,6 +114,9 @@ class RemoteComfyUI:
     """Base URL, e.g. ``http://gpu-box-3:8188``."""
     name: str | None = None
     """A short name for logs and results (``host:port`` by default)."""
+    ssl_context: ssl.SSLContext | None = None
+    """For an ``https://`` server: checks its certificate (HTTP and websocket), e.g. one
+    that trusts a private CA; None uses the system's CAs."""
 
 
 @attrs.frozen

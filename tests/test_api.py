@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from comfytrio import (
     LoRARef,
     ModelRef,
     PortInUseError,
+    RemoteComfyUI,
 )
 from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install
 
@@ -479,3 +481,13 @@ def test_a_servers_output_name_never_leaves_the_download_folder(
     assert comfytrio._api._inside(tmp_path / "job", "sub/a/..", "x.png") == (
         tmp_path / "job" / "sub" / "x.png"
     )
+
+
+def test_a_remote_servers_tls_context_reaches_its_instance(tmp_path: Path) -> None:
+    trusting = ssl.create_default_context()
+    api = ComfyAPI(
+        [RemoteComfyUI("https://gpu-box:8188", ssl_context=trusting), "https://other:8188"],
+        tmp_path / "models",
+        gpu=GPUInfo(cuda_available=False, device_count=0),
+    )
+    assert [i.ssl_context for i in api.instances] == [trusting, None]

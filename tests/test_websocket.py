@@ -19,8 +19,7 @@ import pytest
 import trio
 import trustme
 
-import comfytrio._client
-from comfytrio import QueueStatus, ServerLostError, connect_comfy_client, open_comfy_client
+from comfytrio import QueueStatus, ServerLostError, open_comfy_client
 from comfytrio._websocket import (
     WebSocket,
     WebSocketClosed,
@@ -53,11 +52,19 @@ def unmask(data: bytes) -> tuple[int, bytes]:
     return data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def accept(stream: trio.abc.Stream, *, accept_key: str | None = None) -> bytes:
-    """Read the client's handshake and answer 101; return its key."""
+async def read_request(stream: trio.abc.Stream) -> bytes:
+    """The head of one HTTP request."""
     request = b""
     while b"\r\n\r\n" not in request:
         request += await stream.receive_some(4096)
+    return request
+
+
+async def accept(
+    stream: trio.abc.Stream, *, accept_key: str | None = None, request: bytes | None = None
+) -> bytes:
+    """Read the client's handshake (unless given) and answer 101; return its key."""
+    request = request or await read_request(stream)
     key = next(
         line.split(b":", 1)[1].strip()
         for line in request.split(b"\r\n")
@@ -235,9 +242,7 @@ async def test_a_refused_handshake_says_why(answer: bytes, message: str) -> None
         nursery.cancel_scope.cancel()
 
 
-async def test_a_wss_server_is_reached_with_its_certificate_checked(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_wss_server_is_reached_with_its_certificate_checked() -> None:
     ca = trustme.CA()
     server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
@@ -248,7 +253,11 @@ async def test_a_wss_server_is_reached_with_its_certificate_checked(
 
     async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
-            await accept(stream)
+            request = await read_request(stream)
+            if b"upgrade: websocket" not in request.lower():
+                await stream.send_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                return
+            await accept(stream, request=request)
             await subscribed.wait()
             await stream.send_all(frame(0x1, json.dumps(status).encode()))
             await trio.sleep_forever()
@@ -264,14 +273,12 @@ async def test_a_wss_server_is_reached_with_its_certificate_checked(
             async with open_comfy_client(url):
                 pass
 
-        monkeypatch.setattr(comfytrio._client, "tls_context", lambda: trusting)
-        async with httpx.AsyncClient(base_url=url, verify=trusting) as http:
-            client = await connect_comfy_client(nursery, url, http=http)
+        async with open_comfy_client(url, ssl_context=trusting) as client:
             assert client.connected
             async with client.subscribe() as events:
                 subscribed.set()
                 with trio.fail_after(5):
                     event = await events.receive()
             assert event == QueueStatus(client.name, 3)
-            await client.aclose()
+            assert (await client.http.get("/anything")).status_code == 204  # HTTP trusts it too
         nursery.cancel_scope.cancel()
