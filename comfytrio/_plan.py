@@ -184,7 +184,7 @@ def _parse(
         found = node_ids_by_title(workflow, title)
         if not found:
             raise NodeTitleNotFoundError(name, title, titles(workflow))
-        node_ids.extend(found)
+        node_ids.extend(str(node_id) for node_id in found)  # as JSON will name them
     gpu_scale = entry.get("gpu_scale", False)
     if not isinstance(gpu_scale, bool):
         raise ParamError(name, f"'gpu_scale' must be true or false, got {gpu_scale!r}")

@@ -101,6 +101,14 @@ async def test_jobs_of_one_workflow_share_its_snapshot() -> None:
     assert second.shards[0].build()["20"]["inputs"]["value"] == "a red fox"
 
 
+async def test_a_workflow_with_integer_node_ids_is_sent_as_json_names_it() -> None:
+    workflow: dict[Any, Any] = {int(k): v for k, v in load_workflow("sdxl_txt2img").items()}
+    job = await plan(std_plugins(), workflow, {"steps": STEPS})
+    built = job.shards[0].build()
+    assert built["21"]["inputs"]["value"] == 30
+    assert sorted(built) == sorted(str(k) for k in workflow)
+
+
 async def test_a_workflow_that_is_not_json_is_refused_naming_the_node() -> None:
     workflow = load_workflow("sdxl_txt2img")
     workflow["20"]["inputs"]["value"] = object()
