@@ -932,12 +932,10 @@ class ComfyClient:
                         pending += chunk
                         if len(pending) >= _DOWNLOAD_SPILL:
                             with _write_errors(self.url, params, dest):
-                                file = await trio.to_thread.run_sync(
-                                    _spill, file, tmp, bytes(pending)
-                                )
+                                file = await trio.to_thread.run_sync(_spill, file, tmp, pending)
                             pending.clear()
             with _write_errors(self.url, params, dest):
-                await trio.to_thread.run_sync(_finish_download, file, tmp, dest, bytes(pending))
+                await trio.to_thread.run_sync(_finish_download, file, tmp, dest, pending)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_discard_download, file, tmp)
@@ -959,7 +957,7 @@ _DOWNLOAD_SPILL = 8 * 1024 * 1024
 """Download bodies up to this size stay in memory until they are written in one go."""
 
 
-def _spill(file: BinaryIO | None, tmp: Path, data: bytes) -> BinaryIO:
+def _spill(file: BinaryIO | None, tmp: Path, data: bytearray) -> BinaryIO:
     """Append ``data`` to the partial file (created with its folder on first use)."""
     if file is None:
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -968,7 +966,7 @@ def _spill(file: BinaryIO | None, tmp: Path, data: bytes) -> BinaryIO:
     return file
 
 
-def _finish_download(file: BinaryIO | None, tmp: Path, dest: Path, data: bytes) -> None:
+def _finish_download(file: BinaryIO | None, tmp: Path, dest: Path, data: bytearray) -> None:
     """Write the rest, close, and move the partial file into place."""
     file = _spill(file, tmp, data)
     file.close()

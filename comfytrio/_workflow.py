@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Workflow", "node_ids_by_title", "title_of", "titles"]
-
-Workflow = dict[str, dict[str, Any]]
-"""An API-format workflow (node id -> node)."""
+__all__ = ["node_ids_by_title", "title_of", "titles"]
 
 
 def title_of(node: Mapping[str, Any]) -> str | None:
