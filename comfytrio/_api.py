@@ -20,7 +20,7 @@ from ._client import PromptResult, tls_context
 from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, leaf_errors, single_error
 from ._gpu import detect_gpus
 from ._instance import Instance
-from ._plan import JobPlan, plan_job
+from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
 from ._scheduler import ApiStatistics, Scheduler, ShardTask
@@ -337,21 +337,35 @@ class ComfyAPI:
             raise RuntimeError("use ComfyAPI inside `async with`")
         started_at = trio.current_time()
         job_id = uuid.uuid4().hex[:12]
-        ready = [i for i in self.instances if i.state == "ready"]
-        if not ready:
+        if not any(i.state == "ready" for i in self.instances):
             raise ComfyAPIError("no ComfyUI instance is ready to run the job")
-        plan: JobPlan = await plan_job(
-            self._plugins,
-            workflow,
-            params=params or {},
-            models=models,
-            loras=loras,
-            targets=ready,
-            shard_count=len(ready),
-            models_path=self.models_path if any(i.owned or i.is_local for i in ready) else None,
-            http=self._http,
-            seed=seed,
-        )
+        # Checked and copied now: a bad param fails at once, and the job runs the workflow as
+        # it is now, though it is planned only when its turn comes.
+        checked = validate_params(self._plugins, workflow, params or {})
+        workflow_json = workflow_snapshot(workflow)
+        job_seed = job_seed_for(seed)
+        await self._scheduler.admit(job_id)
+        try:
+            ready = [i for i in self.instances if i.state == "ready"]
+            if not ready:
+                raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+            plan: JobPlan = await plan_validated(
+                self._plugins,
+                workflow_json,
+                checked,
+                models=models,
+                loras=loras,
+                targets=ready,
+                shard_count=len(ready),
+                models_path=(
+                    self.models_path if any(i.owned or i.is_local for i in ready) else None
+                ),
+                http=self._http,
+                job_seed=job_seed,
+            )
+        except BaseException:
+            self._scheduler.abandon(job_id)
+            raise
         logger.info("job %s: %d shard(s) for %d instance(s)", job_id, len(plan.shards), len(ready))
         deadline = self.execution_timeout if timeout is None else timeout
         tasks = [ShardTask(job_id, shard.index, (shard, deadline)) for shard in plan.shards]

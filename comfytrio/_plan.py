@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import secrets
@@ -38,7 +37,16 @@ from .hookspecs import (
     Shard,
 )
 
-__all__ = ["MAX_SEED", "JobPlan", "ShardPlan", "plan_job", "validate_params"]
+__all__ = [
+    "MAX_SEED",
+    "JobPlan",
+    "ShardPlan",
+    "job_seed_for",
+    "plan_job",
+    "plan_validated",
+    "validate_params",
+    "workflow_snapshot",
+]
 
 logger = logging.getLogger("comfytrio.plan")
 
@@ -65,7 +73,7 @@ class _Template:
     job: JobContext
 
 
-@attrs.frozen(slots=False)
+@attrs.frozen
 class ShardPlan:
     """One shard of a job: its values, and how to build its workflow.
 
@@ -84,6 +92,7 @@ class ShardPlan:
     _values: tuple[Any, ...] = attrs.field(repr=False)
     """The value of each of the template's params for this shard, in order."""
     _template: _Template = attrs.field(repr=False, eq=False)
+    _built: dict[str, Any] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def build(self) -> dict[str, Any]:
         """A new copy of the job's workflow with this shard's values injected and every
@@ -100,11 +109,14 @@ class ShardPlan:
                 resolver.inject(workflow, template.job)
         return workflow
 
-    @functools.cached_property
+    @property
     def workflow(self) -> dict[str, Any]:
         """The shard's workflow, built on first access and kept (``build()`` makes a new one
         each time)."""
-        return self.build()
+        if self._built is None:
+            object.__setattr__(self, "_built", self.build())  # a cache, not a change of value
+        assert self._built is not None
+        return self._built
 
 
 @attrs.frozen
@@ -203,7 +215,8 @@ def _parse(
     return param
 
 
-def _job_seed(seed: int | None) -> int:
+def job_seed_for(seed: int | None) -> int:
+    """``seed`` checked (``ValueError`` outside 0..``MAX_SEED``), or a random one for None."""
     if seed is None:
         return secrets.randbelow(_RANDOM_SEEDS)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -241,13 +254,43 @@ async def plan_job(
     """
     if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
         raise ValueError(f"shard_count must be a positive integer, got {shard_count!r}")
-    job_seed = _job_seed(seed)
+    job_seed = job_seed_for(seed)
     checked = validate_params(plugins, workflow, params)
-    workflow_json = _snapshot(workflow)
+    return await plan_validated(
+        plugins,
+        workflow_snapshot(workflow),
+        checked,
+        models=models,
+        loras=loras,
+        targets=targets,
+        shard_count=shard_count,
+        models_path=models_path,
+        http=http,
+        job_seed=job_seed,
+    )
+
+
+async def plan_validated(
+    plugins: Plugins,
+    workflow_json: str,
+    checked: Sequence[Param],
+    *,
+    models: Sequence[ModelRef],
+    loras: Sequence[LoRARef],
+    targets: Sequence[InstanceTarget],
+    shard_count: int,
+    models_path: Path | None,
+    http: httpx.AsyncClient,
+    job_seed: int,
+) -> JobPlan:
+    """``plan_job`` after its checks, from what they returned: the workflow's JSON text
+    (``workflow_snapshot``), its params (``validate_params``) and the job seed
+    (``job_seed_for``). The api checks a job when it is called and plans it when its turn
+    comes, so what runs is the workflow as it was at the call."""
     types = plugins.param_types()
     resolvers = plugins.asset_resolvers()
     job = JobContext(
-        workflow=workflow,
+        workflow=json.loads(workflow_json),
         params={p.name: p for p in checked},
         models=tuple(models),
         loras=tuple(loras),
@@ -309,8 +352,9 @@ async def plan_job(
     return JobPlan(shards=shards, seed=job_seed)
 
 
-def _snapshot(workflow: Mapping[str, Any]) -> str:
-    """The workflow as JSON text; ``ParamError`` naming the node that is not JSON."""
+def workflow_snapshot(workflow: Mapping[str, Any]) -> str:
+    """The workflow as compact JSON text, what its shards are built from; ``ParamError``
+    (param ``"workflow"``) naming the node that is not JSON."""
     try:
         # Interned: the jobs that share one workflow (only their params differ) share its text.
         return sys.intern(json.dumps(workflow, separators=(",", ":")))

@@ -5,6 +5,11 @@ keeps up to ``depth`` of our prompts inside its ComfyUI (one running, the next a
 there, so the GPU never waits for a round trip to us) and takes the next shard the moment a
 slot frees. An instance that finishes early simply takes more; an instance that is not ready
 takes none. The scheduler knows nothing of workflows: it runs a callable per shard.
+
+Jobs are planned just in time: a job is admitted (``admit``), first come first served, once
+fewer than ``plan_ahead`` shards are queued or being planned (by default one more prompt for
+every slot of every instance). Until then it waits holding only what its caller passed, so
+10,000 waiting jobs cost 10,000 parked calls, not 10,000 plans, uploads and shard records.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -94,7 +99,7 @@ class JobStatistics:
     job_id: str
     """The job."""
     shards: int
-    """Its shard count."""
+    """Its shard count (0 until it is planned)."""
     done: int
     """Shards finished successfully."""
     failed: int
@@ -117,6 +122,8 @@ class ApiStatistics:
     """Jobs running now, then the most recent finished ones."""
     queued_shards: int
     """Shards waiting for a free instance."""
+    waiting_jobs: int = 0
+    """Jobs not in the queue yet: waiting their turn to be planned, or being planned."""
 
 
 @attrs.define(eq=False)
@@ -145,11 +152,11 @@ class ShardTask:
     """True when it failed or was cancelled."""
     cancelled: bool = False
     """True once its job was cancelled."""
-    done: trio.Event = attrs.field(factory=trio.Event)
-    """Set when it ended, however."""
+    ended: bool = False
+    """True once it ended, however (done, failed or cancelled; not while it is retried)."""
     attempts: int = 1
     """How many times it was sent (a lost server or vanished prompt sends it again)."""
-    previous_instances: list[str] = attrs.field(factory=list)
+    previous_instances: tuple[str, ...] = ()
     """Where earlier attempts were lost."""
     _scope: trio.CancelScope | None = None
 
@@ -167,8 +174,15 @@ class _Counters:
 @attrs.define(eq=False)
 class _Job:
     job_id: str
-    tasks: list[ShardTask]
     queued_at: float
+    tasks: Sequence[ShardTask] = ()
+    remaining: int = 0
+    """Its shards that have not ended."""
+    planning: bool = False
+    """Admitted and being planned: counted in ``Scheduler._planning`` until submitted."""
+    done: trio.Event | None = None
+    """Made when it is submitted (a job waiting to be planned holds as little as it can);
+    set when its last shard ended."""
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -176,7 +190,7 @@ class _Job:
         return JobStatistics(
             self.job_id,
             len(self.tasks),
-            sum(1 for t in self.tasks if t.done.is_set() and not t.failed),
+            sum(1 for t in self.tasks if t.ended and not t.failed),
             sum(1 for t in self.tasks if t.failed),
             self.queued_at,
             self.started_at,
@@ -189,17 +203,33 @@ Runner = Callable[[Any, ShardTask], Awaitable[Any]]
 
 
 class Scheduler:
-    """One FIFO queue of shards; one worker per instance pulls from it."""
+    """One FIFO queue of shards; one worker per instance pulls from it.
+
+    ``plan_ahead``: how many shards may be queued or being planned before the next job waits
+    to be admitted (None: ``depth`` x the number of workers, so every instance could take one
+    more prompt before planning has to catch up).
+    """
 
     def __init__(
-        self, runner: Runner, *, depth: int = 2, max_attempts: int = 3, keep_finished: int = 100
+        self,
+        runner: Runner,
+        *,
+        depth: int = 2,
+        max_attempts: int = 3,
+        keep_finished: int = 100,
+        plan_ahead: int | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
+        if plan_ahead is not None and plan_ahead < 1:
+            raise ValueError(f"plan_ahead must be at least 1, got {plan_ahead}")
         self._runner = runner
         self.depth = depth
         self.max_attempts = max_attempts
+        self._plan_ahead = plan_ahead
         self._closed = False
+        self._admission = trio.lowlevel.ParkingLot()  # jobs waiting to be planned, in order
+        self._planning = 0  # jobs admitted and not submitted yet
         self._queue: collections.deque[ShardTask] = collections.deque()
         self._idle_lot = trio.lowlevel.ParkingLot()  # workers with no prompt in flight
         self._busy_lot = trio.lowlevel.ParkingLot()  # workers with a free second slot
@@ -211,11 +241,75 @@ class Scheduler:
 
     # ------------------------------------------------------------------ jobs
 
+    @property
+    def plan_ahead(self) -> int:
+        """Shards that may be queued or being planned before a new job waits to be admitted."""
+        if self._plan_ahead is not None:
+            return self._plan_ahead
+        return self.depth * max(1, len(self._workers))
+
+    async def admit(self, job_id: str) -> None:
+        """Register a job and wait its turn (first come first served) to be planned: until
+        fewer than ``plan_ahead`` shards are queued or being planned. Then plan it and
+        ``submit`` its shards, or ``abandon`` it if planning fails.
+
+        Raises ``ComfyAPIError`` when the scheduler is closed (before or while waiting).
+        Cancelled while waiting, the job is forgotten.
+        """
+        if self._closed:
+            raise ComfyAPIError("the ComfyAPI was closed")
+        job = self._jobs[job_id] = _Job(job_id, trio.current_time())
+        if self._admission or len(self._queue) + self._planning >= self.plan_ahead:
+            try:
+                await self._admission.park()  # _admit() counts us in _planning as it wakes us
+            except BaseException:
+                del self._jobs[job_id]
+                raise
+        else:
+            self._planning += 1
+        job.planning = True
+        if self._closed:
+            self.abandon(job_id)
+            raise ComfyAPIError("the ComfyAPI was closed")
+
+    def abandon(self, job_id: str) -> None:
+        """An admitted job will not be submitted (its planning failed): forget it and let
+        the next one in."""
+        job = self._jobs.pop(job_id, None)
+        if job is not None and job.planning:
+            job.planning = False
+            self._planning -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        """Wake waiting jobs, in order, while the queue and the jobs being planned are short
+        of ``plan_ahead``."""
+        while self._admission and len(self._queue) + self._planning < self.plan_ahead:
+            self._admission.unpark()
+            self._planning += 1
+
     def submit(self, job_id: str, tasks: list[ShardTask]) -> None:
-        """Queue a job's shards behind every shard already waiting."""
-        self._jobs[job_id] = _Job(job_id, tasks, trio.current_time())
+        """Queue a job's shards behind every shard already waiting (an admitted job, or a
+        new one: then it skips admission)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _Job(job_id, trio.current_time())
+        if job.planning:
+            job.planning = False
+            self._planning -= 1
+        job.tasks = tasks
+        job.remaining = len(tasks)
+        job.done = trio.Event()
+        if not tasks:
+            job.done.set()
+        if self._closed:  # planned while the api closed: nothing will take its shards
+            for task in tasks:
+                task.outcome, task.failed = ComfyAPIError("the ComfyAPI was closed"), True
+                self._end(task)
+            return
         self._queue.extend(tasks)
         self._wake(len(tasks))
+        self._admit()
 
     async def wait(self, job_id: str) -> list[ShardTask]:
         """Until every shard of the job ended; return them in index order.
@@ -225,18 +319,28 @@ class Scheduler:
         cancellation goes on.
         """
         job = self._jobs[job_id]
+        done = job.done
+        if done is None:
+            raise RuntimeError(f"job {job_id} was not submitted")
         try:
-            for task in job.tasks:
-                await task.done.wait()
+            await done.wait()
         except BaseException:
             self.cancel(job_id)
             with trio.CancelScope(shield=True):
-                for task in job.tasks:
-                    await task.done.wait()
+                await done.wait()
             raise
         finally:
             self._forget(job)
         return sorted(job.tasks, key=lambda t: t.index)
+
+    def _end(self, task: ShardTask) -> None:
+        """``task`` ended (done, failed or cancelled); its job is done with its last one."""
+        task.ended = True
+        job = self._jobs.get(task.job_id)
+        if job is not None:
+            job.remaining -= 1
+            if job.remaining == 0 and job.done is not None:
+                job.done.set()
 
     def cancel(self, job_id: str) -> None:
         """Drop the job's queued shards and cancel its running ones."""
@@ -249,9 +353,10 @@ class Scheduler:
             task.cancelled = True
             if task._scope is not None:
                 task._scope.cancel()
-            elif not task.done.is_set():
+            elif not task.ended:
                 task.failed = True
-                task.done.set()
+                self._end(task)
+        self._admit()
 
     def _forget(self, job: _Job) -> None:
         if self._jobs.pop(job.job_id, None) is not None:
@@ -299,7 +404,10 @@ class Scheduler:
             idle = counters.in_flight == 0
             spare = len(self._queue) - (0 if idle else self._reserved)
             if spare > 0:
-                return self._queue.popleft()
+                task = self._queue.popleft()
+                if self._admission:
+                    self._admit()
+                return task
             if idle:
                 await self._idle_lot.park()
                 self._reserved -= 1
@@ -337,7 +445,7 @@ class Scheduler:
                 counters.retried += 1
                 self._requeue(task)
             else:
-                task.done.set()
+                self._end(task)
             self._release(slots, counters)
 
     def _release(self, slots: trio.Semaphore, counters: _Counters) -> None:
@@ -369,7 +477,7 @@ class Scheduler:
             task.outcome,
         )
         task.attempts += 1
-        task.previous_instances.append(task.instance or "")
+        task.previous_instances += (task.instance or "",)
         task.prompt_id = str(uuid.uuid4())
         task.instance = task.started_at = task.finished_at = None
         task.outcome, task.failed = None, False
@@ -382,22 +490,25 @@ class Scheduler:
         while self._queue:
             task = self._queue.popleft()
             task.outcome, task.failed = error, True
-            task.done.set()
+            self._end(task)
             failed += 1
+        self._admit()
         return failed
 
     def close(self) -> None:
-        """The api is closing: every job still waiting ends with an error."""
+        """The api is closing: every job still waiting ends with an error (those waiting to
+        be planned too)."""
         self._closed = True
         self._queue.clear()
-        for job in self._jobs.values():
+        self._planning += len(self._admission.unpark_all())  # each abandons itself
+        for job in list(self._jobs.values()):
             for task in job.tasks:
-                if not task.done.is_set():
+                if not task.ended:
                     if task._scope is not None:
                         task._scope.cancel()
                     else:
                         task.outcome, task.failed = ComfyAPIError("the ComfyAPI was closed"), True
-                        task.done.set()
+                        self._end(task)
 
     # ------------------------------------------------------------------ statistics
 
@@ -422,4 +533,5 @@ class Scheduler:
                 )
             )
         jobs = tuple(j.statistics() for j in self._jobs.values()) + tuple(self._finished)
-        return ApiStatistics(tuple(rows), jobs, len(self._queue))
+        waiting = sum(1 for j in self._jobs.values() if j.done is None)
+        return ApiStatistics(tuple(rows), jobs, len(self._queue), waiting)

@@ -11,7 +11,14 @@ import attrs
 import pytest
 import trio
 
-from comfytrio import ApiStatistics, ComfyAPI, ShardTask
+from comfytrio import (
+    ApiStatistics,
+    ComfyAPI,
+    ComfyAPIError,
+    ModelNotFoundError,
+    ModelRef,
+    ShardTask,
+)
 from comfytrio._scheduler import Scheduler
 from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
 
@@ -50,6 +57,11 @@ def job_params(prefix: str, images: int = 1) -> dict[str, dict[str, Any]]:
 async def fakes(fake_comfyui_factory: Callable[[], Awaitable[FakeComfyUI]]) -> list[FakeComfyUI]:
     """2 fake servers (the plugin's factory: they stop with the test)."""
     return [await fake_comfyui_factory() for _ in range(2)]
+
+
+def one_slot_api(fake: FakeComfyUI, tmp_path: Path) -> ComfyAPI:
+    """One server holding one prompt at a time: the order of the queue is all there is."""
+    return api_for([fake], tmp_path, prompts_per_instance=1)
 
 
 def api_for(fakes: list[FakeComfyUI], tmp_path: Path, **kwargs: Any) -> ComfyAPI:
@@ -119,9 +131,7 @@ async def test_jobs_are_served_first_in_first_out(fakes: list[FakeComfyUI], tmp_
     for fake in fakes[1:]:
         fake.set_seconds_per_image(0.05)
     async with (
-        ComfyAPI(
-            [fakes[1].url], tmp_path / "models", download_dir=tmp_path / "d", prompts_per_instance=1
-        ) as api,
+        one_slot_api(fakes[1], tmp_path) as api,
         trio.open_nursery() as nursery,
     ):
         for i in range(5):
@@ -168,6 +178,15 @@ async def test_statistics_are_frozen_values(fakes: list[FakeComfyUI], tmp_path: 
     assert all(s.busy_time > 0 for s in stats.instances)
 
 
+@attrs.define
+class Box:
+    """An instance, as far as the scheduler cares."""
+
+    name: str = "box"
+    state: str = "ready"
+    healthy: bool = True
+
+
 async def test_a_cancelled_job_never_reaches_a_server() -> None:
     ran: list[str] = []
 
@@ -175,12 +194,6 @@ async def test_a_cancelled_job_never_reaches_a_server() -> None:
         ran.append(task.job_id)
         await trio.sleep(1)
         return []
-
-    @attrs.define
-    class Box:
-        name: str = "box"
-        state: str = "ready"
-        healthy: bool = True
 
     scheduler = Scheduler(runner, depth=1)
     async with trio.open_nursery() as nursery:
@@ -194,3 +207,157 @@ async def test_a_cancelled_job_never_reaches_a_server() -> None:
         nursery.cancel_scope.cancel()
     assert ran == ["first"]
     assert scheduler.statistics([Box()]).queued_shards == 0
+
+
+async def test_jobs_wait_their_turn_to_be_planned_first_come_first_served(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    fakes[1].set_seconds_per_image(0.05)
+    async with (
+        one_slot_api(fakes[1], tmp_path) as api,
+        trio.open_nursery() as nursery,
+    ):
+        assert api._scheduler.plan_ahead == 1  # one instance, one prompt in it
+        for i in range(6):
+            nursery.start_soon(
+                partial(api.execute_workflow, ONE_IMAGE, params=job_params(f"turn{i}"))
+            )
+            await trio.sleep(0.01)  # called in this order
+        most_waiting = 0
+        while nursery.child_tasks:
+            stats = api.statistics()
+            assert stats.queued_shards <= 1  # never more planned ahead than plan_ahead
+            most_waiting = max(most_waiting, stats.waiting_jobs)
+            await trio.sleep(0.01)
+    assert most_waiting >= 3  # the others held nothing but their call
+    assert api.statistics().waiting_jobs == 0
+    prompts = [p["prompt"]["1"]["inputs"]["value"] for p in fakes[1].prompts_received]
+    assert prompts == [f"turn{i}" for i in range(6)]
+
+
+async def test_a_job_runs_its_workflow_as_it_was_when_called(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    fakes[1].set_seconds_per_image(0.3)
+    workflow = {k: dict(v, inputs=dict(v["inputs"])) for k, v in ONE_IMAGE.items()}
+    async with (
+        one_slot_api(fakes[1], tmp_path) as api,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(partial(api.execute_workflow, ONE_IMAGE, params=job_params("busy")))
+        await trio.sleep(0.05)
+        nursery.start_soon(partial(api.execute_workflow, ONE_IMAGE, params=job_params("next")))
+        nursery.start_soon(partial(api.execute_workflow, workflow, params=job_params("late")))
+        await trio.sleep(0.05)
+        assert api.statistics().waiting_jobs == 1  # "late" is not planned yet
+        workflow["2"]["inputs"]["width"] = 16  # the caller changes its dict meanwhile
+    late = [
+        p["prompt"]
+        for p in fakes[1].prompts_received
+        if p["prompt"]["1"]["inputs"]["value"] == "late"
+    ]
+    assert [p["2"]["inputs"]["width"] for p in late] == [8]
+
+
+async def test_a_bad_param_fails_at_once_even_when_the_job_would_wait(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    fakes[1].set_seconds_per_image(2.0)
+    async with (
+        one_slot_api(fakes[1], tmp_path) as api,
+        trio.open_nursery() as nursery,
+    ):
+        for i in range(3):
+            nursery.start_soon(partial(api.execute_workflow, ONE_IMAGE, params=job_params(f"b{i}")))
+        await trio.sleep(0.05)
+        bad = job_params("bad") | {
+            "oops": {"type": "string", "value": "x", "node_mappings": "Nope"}
+        }
+        with trio.fail_after(1), pytest.raises(ComfyAPIError, match="Nope"):
+            await api.execute_workflow(ONE_IMAGE, params=bad)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_job_whose_planning_fails_lets_the_next_one_in(
+    fakes: list[FakeComfyUI], tmp_path: Path
+) -> None:
+    fakes[1].set_seconds_per_image(0.1)
+    errors: list[BaseException] = []
+    done: list[str] = []
+
+    async def job(name: str, **kwargs: Any) -> None:
+        try:
+            await api.execute_workflow(ONE_IMAGE, params=job_params(name), **kwargs)
+            done.append(name)
+        except ComfyAPIError as exc:
+            errors.append(exc)
+
+    with trio.fail_after(10):
+        async with (
+            one_slot_api(fakes[1], tmp_path) as api,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(job, "first")
+            await trio.sleep(0.02)
+            nursery.start_soon(partial(job, "missing", models=[ModelRef("checkpoints", "no.ckpt")]))
+            await trio.sleep(0.02)
+            nursery.start_soon(job, "last")
+    assert done == ["first", "last"]
+    assert [type(e) for e in errors] == [ModelNotFoundError]
+    assert api.statistics().waiting_jobs == 0
+
+
+async def nothing(instance: object, task: ShardTask) -> list[str]:
+    """A runner that runs nothing."""
+    return []
+
+
+async def test_a_job_cancelled_before_its_turn_is_forgotten() -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1)
+    await scheduler.admit("a")  # the queue is empty: planned at once
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.admit, "b")
+        await trio.sleep(0.01)
+        assert scheduler.statistics([]).waiting_jobs == 2  # a is being planned, b waits
+        nursery.cancel_scope.cancel()
+    assert scheduler.statistics([]).waiting_jobs == 1
+    scheduler.submit("a", [ShardTask("a", 0, None)])
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(0.05) as waited:
+            await scheduler.admit("c")  # a's shard is queued: that is plan_ahead
+        assert waited.cancelled_caught
+        nursery.start_soon(scheduler.run_worker, Box())  # takes a's shard
+        with trio.fail_after(1):
+            await scheduler.admit("d")
+        nursery.cancel_scope.cancel()
+
+
+async def test_closing_ends_the_jobs_waiting_their_turn() -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1)
+    await scheduler.admit("a")
+    failed: list[str] = []
+
+    async def waiting(job_id: str) -> None:
+        with pytest.raises(ComfyAPIError, match="closed"):
+            await scheduler.admit(job_id)
+        failed.append(job_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiting, "b")
+        nursery.start_soon(waiting, "c")
+        await trio.sleep(0.01)
+        scheduler.close()
+    assert sorted(failed) == ["b", "c"]
+    assert scheduler.statistics([]).waiting_jobs == 1  # a: planned, never submitted
+
+
+async def test_abandoning_a_job_lets_the_next_one_in() -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1)
+    await scheduler.admit("a")
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:  # ends when b's admit returns
+            nursery.start_soon(scheduler.admit, "b")
+            await trio.sleep(0.01)
+            assert scheduler.statistics([]).waiting_jobs == 2
+            scheduler.abandon("a")  # a's planning failed
+    assert [j.job_id for j in scheduler.statistics([]).jobs] == ["b"]
