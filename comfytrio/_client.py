@@ -60,6 +60,7 @@ from ._events import (
     PromptStatus,
     QueueStatus,
 )
+from ._transport import ComfyTransport
 from ._websocket import (
     WebSocket,
     WebSocketClosed,
@@ -1029,8 +1030,10 @@ async def connect_comfy_client(
 
     The advanced form of ``open_comfy_client()``: the caller owns the nursery and must call
     ``await client.aclose()``. ``ssl_context`` checks an https server's certificate (for the
-    websocket, and for HTTP unless ``http`` is given); default: the system's CAs. Raises
-    ``ServerLostError`` when the websocket cannot be opened.
+    websocket, and for HTTP unless ``http`` is given); default: the system's CAs. Without
+    ``http``, requests go through ``ComfyTransport`` (HTTP/1.1 written for ComfyUI's server,
+    under an ``httpx.AsyncClient``). Raises ``ServerLostError`` when the websocket cannot be
+    opened.
     """
     base = url.rstrip("/")
     client = ComfyClient(
@@ -1041,8 +1044,7 @@ async def connect_comfy_client(
         or httpx.AsyncClient(
             base_url=base,
             timeout=httpx.Timeout(60.0, connect=10.0),
-            verify=ssl_context or tls_context(),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            transport=ComfyTransport(ssl_context=ssl_context or tls_context(), max_idle=16),
         ),
         silence_timeout=silence_timeout,
         reconnect_timeout=reconnect_timeout,

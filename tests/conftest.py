@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import trustme
 
 from comfytrio.testing import FakeComfyUI
 
@@ -323,3 +325,15 @@ async def spawn(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[
                 await child.done.wait()
             if child.process.stdout is not None:
                 await child.process.stdout.aclose()
+
+
+@pytest.fixture
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a CA of our own: (the server's context, a client
+    context that trusts that CA). The system's CAs do not know it."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    return server, trusting

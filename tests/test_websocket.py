@@ -17,7 +17,6 @@ from functools import partial
 import httpx
 import pytest
 import trio
-import trustme
 
 from comfytrio import QueueStatus, ServerLostError, open_comfy_client
 from comfytrio._websocket import (
@@ -242,12 +241,10 @@ async def test_a_refused_handshake_says_why(answer: bytes, message: str) -> None
         nursery.cancel_scope.cancel()
 
 
-async def test_a_wss_server_is_reached_with_its_certificate_checked() -> None:
-    ca = trustme.CA()
-    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
+async def test_a_wss_server_is_reached_with_its_certificate_checked(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ssl, trusting = tls
     status = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 3}}}}
     subscribed = trio.Event()
 
