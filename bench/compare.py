@@ -17,6 +17,8 @@ Libraries (``--libraries``, in this order by default):
 - ``minimal``: bench/minimal_client.py (httpx + one trio-websocket per server);
 - ``minimal-raw``: bench/minimal_raw_client.py (hand-written HTTP/1.1 + comfytrio's websocket
   reader: the CPU floor of a Python trio client);
+- ``minimal-raw-dl``: the same with ``--download``: every output fetched with ``GET /view``
+  and written to disk, the work ``comfytrio`` (by URL) does and the others skip;
 - ``seed``: techtrash-comfyapi 1.1.3 in bench/.seed-venv (``bench/seed_venv.sh`` makes it),
   with ``--seed-jobs`` / ``--seed-latency-jobs`` (it polls every 2 s and fans every job out to
   every server).
@@ -52,7 +54,7 @@ from _workload import PREFIX_TITLE, RunnerResult, percentile
 
 HERE = Path(__file__).resolve().parent
 
-LIBRARIES = ("comfytrio", "comfytrio-local", "minimal", "minimal-raw", "seed")
+LIBRARIES = ("comfytrio", "comfytrio-local", "minimal", "minimal-raw", "minimal-raw-dl", "seed")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -212,6 +214,16 @@ def runner_command(
         return [sys.executable, str(HERE / "minimal_client.py"), "--urls", urls, *depth]
     if library == "minimal-raw":
         return [sys.executable, str(HERE / "minimal_raw_client.py"), "--urls", urls, *depth]
+    if library == "minimal-raw-dl":
+        return [
+            sys.executable,
+            str(HERE / "minimal_raw_client.py"),
+            "--urls",
+            urls,
+            "--download",
+            str(scratch / "minimal-downloads"),
+            *depth,
+        ]
     if library == "seed":
         return [
             str(args.seed_python),

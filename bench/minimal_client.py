@@ -4,8 +4,9 @@ Raw HTTP (httpx) plus one websocket per server (trio-websocket), one ``client_id
 every ``prompt_id`` chosen by us and registered before ``POST /prompt``, each job sent whole to
 the least-loaded server (fewest prompts in flight), at most ``--depth`` prompts per server at a
 time (default 2: one running, one queued behind it; 0 = send every job at once). Nothing else:
-no retries, no reconnects, no reconciliation, no downloads (it returns the servers' file
-names).
+no retries, no reconnects, no reconciliation, and no downloads unless ``--download DIR``
+(then each output is fetched with ``GET /view`` and written to DIR, as a client that returns
+files must; otherwise it returns the servers' file names).
 
     .venv/bin/python bench/minimal_client.py --urls http://127.0.0.1:8188,http://127.0.0.1:8189
 
@@ -50,9 +51,10 @@ class MinimalServer:
         self.client_id = uuid.uuid4().hex
         self.in_flight = 0
         self.done: dict[str, trio.Event] = {}
-        self.files: dict[str, list[str]] = {}
+        self.files: dict[str, list[dict[str, str]]] = {}
         self.errors: dict[str, str] = {}
         self.http: httpx.AsyncClient | None = None
+        self.download_dir: Path | None = None
 
     # ------------------------------------------------------------------ transport
 
@@ -78,6 +80,14 @@ class MinimalServer:
         r = await self.http.post("/prompt", json=body)
         return r.status_code, r.text
 
+    async def view(self, image: dict[str, str]) -> bytes:
+        """``GET /view`` of one output."""
+        assert self.http is not None
+        r = await self.http.get("/view", params=image)
+        if r.status_code != 200:
+            raise RuntimeError(f"{self.url}: GET /view answered HTTP {r.status_code}")
+        return r.content
+
     async def aclose(self) -> None:
         if self.http is not None:
             await self.http.aclose()
@@ -94,13 +104,17 @@ class MinimalServer:
         kind = msg["type"]
         if kind == "executed":
             images = (data.get("output") or {}).get("images") or []
-            self.files[prompt_id].extend(i["filename"] for i in images)
+            self.files[prompt_id].extend(
+                {"filename": i["filename"], "subfolder": i["subfolder"], "type": i["type"]}
+                for i in images
+            )
         elif kind == "execution_error":
             self.errors[prompt_id] = str(data.get("exception_message"))
         elif kind == "executing" and data.get("node") is None:
             self.done[prompt_id].set()
 
     async def run(self, prompt: dict[str, Any]) -> list[str]:
+        """Run one prompt here; its files (names, or paths in ``download_dir``)."""
         prompt_id = str(uuid.uuid4())
         event = self.done[prompt_id] = trio.Event()
         self.files[prompt_id] = []
@@ -114,7 +128,14 @@ class MinimalServer:
             await event.wait()
             if prompt_id in self.errors:
                 raise RuntimeError(f"{self.url}: {self.errors.pop(prompt_id)}")
-            return self.files[prompt_id]
+            if self.download_dir is None:
+                return [image["filename"] for image in self.files[prompt_id]]
+            paths = []
+            for image in self.files[prompt_id]:
+                path = self.download_dir / f"{prompt_id}-{Path(image['filename']).name}"
+                path.write_bytes(await self.view(image))  # small files: written in place
+                paths.append(str(path))
+            return paths
         finally:
             self.in_flight -= 1
             del self.done[prompt_id]
@@ -127,6 +148,10 @@ async def run_minimal(
     """The measuring passes with least-loaded dispatch over one server object per URL."""
     rss_start = maxrss_kib()
     servers = [make_server(u) for u in args.urls.split(",") if u]
+    if args.download:
+        await trio.Path(args.download).mkdir(parents=True, exist_ok=True)
+        for server in servers:
+            server.download_dir = Path(args.download)
     images: int = args.images_per_job
     async with trio.open_nursery() as nursery:
         for server in servers:
@@ -169,12 +194,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--depth", type=int, default=2, help="prompts in flight per server (default 2; 0: no limit)"
     )
+    parser.add_argument(
+        "--download", default="", metavar="DIR", help="fetch every output into DIR (GET /view)"
+    )
     add_runner_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> None:
-    emit(trio.run(run_minimal, "minimal", parse_args(), MinimalServer))
+    args = parse_args()
+    emit(trio.run(run_minimal, "minimal-dl" if args.download else "minimal", args, MinimalServer))
 
 
 if __name__ == "__main__":

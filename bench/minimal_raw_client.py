@@ -2,10 +2,11 @@
 
 Like ``minimal_client.py`` (one websocket per server, prompt ids chosen up front,
 least-loaded dispatch, at most ``--depth`` prompts per server, no downloads, nothing else),
-but ``POST /prompt`` is written by hand on one keep-alive trio socket per server (one request
-at a time on it; a new connection when the server says ``Connection: close``), and the
-websocket is read with comfytrio's own reader (``comfytrio/_websocket.py``), so this row
-shows what a Python trio client costs here with no HTTP library at all.
+but ``POST /prompt`` (and ``GET /view`` with ``--download``) is written by hand on one
+keep-alive trio socket per server (one request at a time on it; a new connection when the
+server says ``Connection: close``), and the websocket is read with comfytrio's own reader
+(``comfytrio/_websocket.py``), so this row shows what a Python trio client costs here with no
+HTTP library at all.
 
     .venv/bin/python bench/minimal_raw_client.py --urls http://127.0.0.1:8188
 
@@ -18,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import trio
 
@@ -60,6 +61,21 @@ class RawServer(MinimalServer):
             b"POST /prompt HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (self.netloc.encode(), len(data))
         ) + data
+        status, answer = await self._request(request)
+        return status, answer.decode()
+
+    async def view(self, image: dict[str, str]) -> bytes:
+        request = b"GET /view?%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (
+            urlencode(image).encode(),
+            self.netloc.encode(),
+        )
+        status, answer = await self._request(request)
+        if status != 200:
+            raise RuntimeError(f"{self.url}: GET /view answered HTTP {status}")
+        return answer
+
+    async def _request(self, request: bytes) -> tuple[int, bytes]:
+        """One request on the kept-alive socket (Content-Length answers only)."""
         async with self._post_lock:
             if self._post is None:
                 self._post = await trio.open_tcp_stream(self.host, self.port)
@@ -77,7 +93,7 @@ class RawServer(MinimalServer):
                 rest += await self._receive(stream)
             if headers.get(b"connection", b"").strip() == b"close":  # hypercorn: 1000 requests
                 self._post = None
-            return int(head[0].split(b" ")[1]), rest.decode()
+            return int(head[0].split(b" ")[1]), rest
 
     async def _receive(self, stream: trio.SocketStream) -> bytes:
         chunk = await stream.receive_some(65536)
@@ -92,7 +108,10 @@ class RawServer(MinimalServer):
 
 
 def main() -> None:
-    emit(trio.run(run_minimal, "minimal-raw", parse_args(), RawServer))
+    args = parse_args()
+    emit(
+        trio.run(run_minimal, "minimal-raw-dl" if args.download else "minimal-raw", args, RawServer)
+    )
 
 
 if __name__ == "__main__":
