@@ -139,7 +139,7 @@ class JobContext:
     """
 
     workflow: Mapping[str, Any]
-    """The caller's workflow (API format)."""
+    """The job's workflow (API format): a copy of the caller's, taken when the job was called."""
     params: Mapping[str, Param]
     """Every validated param, the defaults included, by name."""
     models: tuple[ModelRef, ...]
