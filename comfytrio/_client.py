@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import ssl
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -280,6 +281,11 @@ class ComfyClient:
     """At most this long is spent removing a cancelled or timed-out prompt from the server."""
     ssl_context: ssl.SSLContext | None = None
     """Checks an https server's certificate on the websocket (None: the system's CAs)."""
+    direct: ComfyTransport | None = attrs.field(default=None, repr=False)
+    """The ``ComfyTransport`` under ``http``, when this client made ``http`` itself and no
+    proxy applies: the requests every job makes (``POST /prompt``, ``GET /view``) then go to
+    it directly, without httpx's client layer (half a millisecond of CPU per request here).
+    None: every request goes through ``http``."""
 
     _watches: dict[str, _Watch] = attrs.field(factory=dict, init=False)
     _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(factory=list, init=False)
@@ -668,7 +674,8 @@ class ComfyClient:
             body["extra_data"] = dict(extra_data)
         try:
             with _transport_errors(self.name, "POST /prompt"):
-                r = await self.http.post("/prompt", json=body)
+                async with self._stream("POST", "/prompt", json_body=body) as r:
+                    await r.aread()
             answer = _json_or_text(r)
             if r.status_code != 200 or not isinstance(answer, dict):
                 raise _workflow_error(answer, r.status_code, self.name, prompt_id)
@@ -909,6 +916,36 @@ class ComfyClient:
         sub = str(answer.get("subfolder") or "")
         return f"{sub}/{name}" if sub else name
 
+    @asynccontextmanager
+    async def _stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """A response whose body is read as it is consumed: from ``direct`` when set (with
+        ``http``'s headers and timeouts), else through ``http``."""
+        if self.direct is None:
+            async with self.http.stream(method, path, json=json_body, params=params) as r:
+                yield r
+            return
+        request = httpx.Request(
+            method,
+            self.url + path,
+            params=params,
+            json=json_body,
+            headers=self.http.headers,
+            extensions={"timeout": self.http.timeout.as_dict()},
+        )
+        response = await self.direct.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def download(self, ref: OutputRef, dest: Path) -> Path:
         """``GET /view`` an output into ``dest``, atomically (a partial file never stays).
 
@@ -923,7 +960,7 @@ class ComfyClient:
         file: BinaryIO | None = None
         try:
             with _transport_errors(self.name, "GET /view"):
-                async with self.http.stream("GET", "/view", params=params) as r:
+                async with self._stream("GET", "/view", params=params) as r:
                     if r.status_code != 200:
                         raise ComfyAPIError(
                             f"ComfyUI {self.name}: GET /view of {ref.subfolder}/{ref.filename} "
@@ -1036,19 +1073,23 @@ async def connect_comfy_client(
     opened.
     """
     base = url.rstrip("/")
+    direct: ComfyTransport | None = None
+    if http is None:
+        transport = ComfyTransport(ssl_context=ssl_context or tls_context(), max_idle=16)
+        http = httpx.AsyncClient(
+            base_url=base, timeout=httpx.Timeout(60.0, connect=10.0), transport=transport
+        )
+        if not urllib.request.getproxies():  # else httpx routes some requests to a proxy
+            direct = transport
     client = ComfyClient(
         url=base,
         name=name or _instance_name(base),
         client_id=client_id or uuid.uuid4().hex,
-        http=http
-        or httpx.AsyncClient(
-            base_url=base,
-            timeout=httpx.Timeout(60.0, connect=10.0),
-            transport=ComfyTransport(ssl_context=ssl_context or tls_context(), max_idle=16),
-        ),
+        http=http,
         silence_timeout=silence_timeout,
         reconnect_timeout=reconnect_timeout,
         ssl_context=ssl_context,
+        direct=direct,
     )
     try:
         await nursery.start(client._serve)

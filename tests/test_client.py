@@ -27,6 +27,7 @@ from comfytrio import (
     WorkflowError,
     open_comfy_client,
 )
+from comfytrio._transport import ComfyTransport
 from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
 
 WORKFLOWS = Path(__file__).parent / "workflows"
@@ -253,9 +254,10 @@ async def test_a_large_download_is_written_in_pieces(
     assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["through-http", "direct"])
 @pytest.mark.parametrize("spill", [100, 8 * 1024 * 1024])
 async def test_a_download_cut_mid_body_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: int, direct: bool
 ) -> None:
     monkeypatch.setattr(comfytrio._client, "_DOWNLOAD_SPILL", spill)
 
@@ -267,12 +269,51 @@ async def test_a_download_cut_mid_body_leaves_no_file(
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, half_a_file, 0, host="127.0.0.1"))
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        async with httpx.AsyncClient(base_url=url) as http:
-            client = ComfyClient(url=url, name="cut", client_id="c", http=http)
+        transport = ComfyTransport()
+        async with httpx.AsyncClient(base_url=url, transport=transport) as http:
+            client = ComfyClient(
+                url=url, name="cut", client_id="c", http=http, direct=transport if direct else None
+            )
             with pytest.raises(ServerLostError, match="GET /view"):
                 await client.download(OutputRef("9", "x.png", "", "output"), tmp_path / "x.png")
         nursery.cancel_scope.cancel()
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_the_per_job_requests_skip_httpx_s_client_layer_but_keep_its_settings() -> None:
+    received: list[bytes] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        received.append(await stream.receive_some(65536))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        transport = ComfyTransport()
+        http = httpx.AsyncClient(
+            base_url=url, transport=transport, timeout=0.2, headers={"X-Team": "render"}
+        )
+        async with http:
+            client = ComfyClient(url=url, name="quiet", client_id="c", http=http, direct=transport)
+            with trio.fail_after(5), pytest.raises(ServerLostError, match="ReadTimeout"):
+                await client.submit({"1": {"class_type": "EmptyImage", "inputs": {}}})
+        nursery.cancel_scope.cancel()
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /prompt HTTP/1.1")
+    assert b"X-Team: render" in head  # the client's headers
+    assert json.loads(body)["client_id"] == "c"
+
+
+async def test_a_client_we_make_uses_its_transport_directly_unless_a_proxy_is_set(
+    fake: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_comfy_client(fake.url) as comfy:
+        assert isinstance(comfy.direct, ComfyTransport)
+        assert (await comfy.run(empty_to_save())).files
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    async with open_comfy_client(fake.url) as comfy:
+        assert comfy.direct is None  # httpx decides where each request goes
 
 
 async def test_models_and_system_stats(fake: FakeComfyUI, client: ComfyClient) -> None:
