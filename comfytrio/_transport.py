@@ -57,10 +57,11 @@ class _Connection:
         if sock is None:
             return True
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            poller = select.poll()  # not select.select: it refuses descriptors above 1023
+            poller.register(sock.fileno(), select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     async def fill(self, request: httpx.Request, timeout: float | None, what: str) -> None:
         """Read more into the buffer; ``RemoteProtocolError`` at the end of the stream."""

@@ -8,6 +8,8 @@ every way a server can fail mid-answer.
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -97,6 +99,23 @@ async def test_a_post_body_is_sent_whole_with_its_length() -> None:
     upload_head, _, upload = requests[1].partition(b"\r\n\r\n")
     assert b"transfer-encoding" not in upload_head.lower()
     assert b"\x89PNG" * 5000 in upload
+
+
+async def test_a_connection_is_reused_whatever_its_descriptor_number() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(soft, hard) < 1200:
+        pytest.skip("needs more than 1024 open files")
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:  # the next sockets get numbers above 1023
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        async with raw_server(ok) as (url, _, connections), client(url) as http:
+            for _ in range(2):
+                assert (await http.get("/x")).text == "hello"
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert connections == [1, 1]
 
 
 async def test_a_chunked_body_is_joined() -> None:
