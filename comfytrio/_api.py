@@ -337,8 +337,7 @@ class ComfyAPI:
             raise RuntimeError("use ComfyAPI inside `async with`")
         started_at = trio.current_time()
         job_id = uuid.uuid4().hex[:12]
-        if not any(i.state == "ready" for i in self.instances):
-            raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+        self._ready_instances()  # fail at once rather than after waiting our turn
         # Checked and copied now: a bad param fails at once, and the job runs the workflow as
         # it is now, though it is planned only when its turn comes.
         checked = validate_params(self._plugins, workflow, params or {})
@@ -346,9 +345,7 @@ class ComfyAPI:
         job_seed = job_seed_for(seed)
         await self._scheduler.admit(job_id)
         try:
-            ready = [i for i in self.instances if i.state == "ready"]
-            if not ready:
-                raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+            ready = self._ready_instances()
             plan: JobPlan = await plan_validated(
                 self._plugins,
                 workflow_json,
@@ -419,6 +416,13 @@ class ComfyAPI:
             result.finished_at - started_at,
         )
         return result
+
+    def _ready_instances(self) -> list[Instance]:
+        """The instances ready now; ``ComfyAPIError`` when there are none."""
+        ready = [i for i in self.instances if i.state == "ready"]
+        if not ready:
+            raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+        return ready
 
     async def _run_shard(self, instance: Instance, task: ShardTask) -> list[OutputFile]:
         """Run one shard on ``instance`` (the scheduler's runner). Its workflow is built

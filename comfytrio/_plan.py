@@ -62,7 +62,7 @@ _RESERVED_KEYS = frozenset({"type", "value", "node_mappings", "gpu_scale"})
 @attrs.frozen
 class _Template:
     """What every shard of one job is built from: the workflow as JSON text (a snapshot taken
-    when the job was planned: compact while the job waits, and each shard's copy comes from
+    when the job was called: compact while the job waits, and each shard's copy comes from
     ``json.loads``), the checked params with their types, and the resolvers that edit each
     shard."""
 

@@ -405,8 +405,7 @@ class Scheduler:
             spare = len(self._queue) - (0 if idle else self._reserved)
             if spare > 0:
                 task = self._queue.popleft()
-                if self._admission:
-                    self._admit()
+                self._admit()
                 return task
             if idle:
                 await self._idle_lot.park()

@@ -111,9 +111,7 @@ class ComfyTransport(httpx.AsyncBaseTransport):
         head = _request_head(request, len(body))
         conn = await self._checkout(key, request, timeouts.get("connect"))
         try:
-            await _send(conn, head + body if len(body) < _RECEIVE else head, request, timeouts)
-            if len(body) >= _RECEIVE:
-                await _send(conn, body, request, timeouts)
+            await _send(conn, head + body, request, timeouts)
             status, reason, version, headers = await _read_head(conn, request, timeouts.get("read"))
             framing, length, reusable = _framing(request, status, version, headers)
         except BaseException:
