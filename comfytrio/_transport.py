@@ -15,8 +15,17 @@ everything above it (requests, responses, streaming, timeouts, errors) is still 
 - Failures become httpx's own errors (``ConnectError``, ``ReadTimeout``, ``ReadError``,
   ``RemoteProtocolError``, ...), which the client turns into ``ServerLostError``.
 
+- A request that meets a kept-alive connection the server has just closed (its idle timeout
+  fired as we sent: ComfyUI's aiohttp closes idle connections after 75 s, proxies often much
+  sooner) is sent again, once, on a new connection, when that is safe: the failure came
+  before any byte of an answer, on a connection that had served an earlier request, and the
+  request is idempotent (``GET``, ``HEAD``, ``PUT``, ``DELETE``, ``OPTIONS``, or any request
+  whose ``extensions`` say ``{"idempotent": True}``). Anything else is reported as it failed:
+  ``POST /prompt`` is resent by the client, which knows how to check first (it chose the
+  prompt id).
+
 Nothing more: no HTTP/2, no proxies (an ``httpx.AsyncClient`` still routes the proxies of
-its environment through its own transports), no automatic retry of a request that was sent.
+its environment through its own transports).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Any
 import httpx
 import trio
 
-__all__ = ["ComfyTransport"]
+__all__ = ["IDEMPOTENT", "ComfyTransport"]
 
 _MAX_HEAD = 64 * 1024
 """A response head (status line and headers) larger than this is refused."""
@@ -40,6 +49,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _Key = tuple[str, str, int]
 
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+IDEMPOTENT = "idempotent"
+"""The request extension that marks a POST as safe to send twice (``/queue``, ``/interrupt``)."""
+
 
 class _Connection:
     """One connection and the bytes read from it but not consumed yet."""
@@ -48,6 +62,10 @@ class _Connection:
         self.stream = stream
         self.key = key
         self.buffer = bytearray()
+        self.reused = False
+        """It served a request before this one (a stale keep-alive connection is possible)."""
+        self.answered = False
+        """A byte of an answer arrived since it was checked out."""
 
     def alive(self) -> bool:
         """False when the server closed it (or sent something unasked) while it was idle."""
@@ -76,6 +94,7 @@ class _Connection:
             raise httpx.RemoteProtocolError(
                 f"the server closed the connection {what}", request=request
             )
+        self.answered = True
         self.buffer += chunk
 
     async def aclose(self) -> None:
@@ -108,15 +127,26 @@ class ComfyTransport(httpx.AsyncBaseTransport):
             )
         key = (url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme])
         body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
-        head = _request_head(request, len(body))
+        data = _request_head(request, len(body)) + body
         conn = await self._checkout(key, request, timeouts.get("connect"))
         try:
-            await _send(conn, head + body, request, timeouts)
-            status, reason, version, headers = await _read_head(conn, request, timeouts.get("read"))
-            framing, length, reusable = _framing(request, status, version, headers)
+            head = await _exchange(conn, data, request, timeouts)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            await conn.aclose()
+            if not (conn.reused and not conn.answered and _idempotent(request)):
+                raise
+            # The server closed this idle connection as we used it: nothing of the request
+            # was acted on, so it goes once more, on a connection of its own.
+            conn = await self._connect(key, request, timeouts.get("connect"))
+            try:
+                head = await _exchange(conn, data, request, timeouts)
+            except BaseException:
+                await conn.aclose()
+                raise
         except BaseException:
             await conn.aclose()
             raise
+        status, reason, version, headers, framing, length, reusable = head
         stream = _Body(self, conn, request, framing, length, reusable, timeouts.get("read"))
         if framing == "none":
             await stream.aclose()  # nothing to read: the connection is free again
@@ -135,6 +165,7 @@ class ComfyTransport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()
             if conn.alive():
+                conn.reused, conn.answered = True, False
                 return conn
             await conn.aclose()
         return await self._connect(key, request, timeout)
@@ -282,6 +313,20 @@ class _Body(httpx.AsyncByteStream):
             await self._pool.release(conn)
         else:
             await conn.aclose()
+
+
+def _idempotent(request: httpx.Request) -> bool:
+    return request.method in _IDEMPOTENT or request.extensions.get(IDEMPOTENT) is True
+
+
+async def _exchange(
+    conn: _Connection, data: bytes, request: httpx.Request, timeouts: dict[str, Any]
+) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]], str, int, bool]:
+    """Send a request and read the head of its answer: status, reason, version, headers,
+    and how its body is framed."""
+    await _send(conn, data, request, timeouts)
+    status, reason, version, headers = await _read_head(conn, request, timeouts.get("read"))
+    return (status, reason, version, headers, *_framing(request, status, version, headers))
 
 
 def _request_head(request: httpx.Request, length: int) -> bytes:

@@ -308,3 +308,50 @@ async def test_the_comfy_client_talks_to_the_fake_through_it(fake_comfyui: FakeC
             "/view", params={"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         )
         assert r.content.startswith(b"\x89PNG")
+
+
+def closes_its_kept_alive_connection_as_the_next_request_comes() -> Answer:
+    """Answers the first request of each connection, then closes the connection without a
+    word when the next one arrives: the race of a keep-alive timeout that fires just as a
+    client reuses the connection."""
+    served: set[int] = set()
+
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        if id(stream) in served:
+            await stream.aclose()
+            return
+        served.add(id(stream))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return answer
+
+
+async def test_an_idempotent_request_on_a_connection_closed_as_it_was_reused_goes_again() -> None:
+    answer = closes_its_kept_alive_connection_as_the_next_request_comes()
+    async with raw_server(answer) as (url, requests, connections), client(url) as http:
+        assert (await http.get("/system_stats")).text == "ok"
+        assert (await http.get("/system_stats")).text == "ok"  # sent again on a new connection
+        marked = await http.post("/queue", json={"delete": ["x"]}, extensions={"idempotent": True})
+        assert marked.text == "ok"
+    assert connections == [1, 1, 2, 2, 3]
+    assert [r.split(b" ", 2)[:2] for r in requests].count([b"POST", b"/queue"]) == 2
+
+
+async def test_a_post_on_a_connection_closed_as_it_was_reused_is_not_sent_again() -> None:
+    answer = closes_its_kept_alive_connection_as_the_next_request_comes()
+    async with raw_server(answer) as (url, requests, connections), client(url) as http:
+        assert (await http.get("/system_stats")).text == "ok"
+        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection"):
+            await http.post("/prompt", json={"prompt": {}})
+    assert connections == [1, 1]
+    assert requests[1].startswith(b"POST /prompt ")  # it went once, and only once
+
+
+async def test_a_new_connection_that_fails_is_not_tried_again() -> None:
+    async def hang_up(stream: trio.SocketStream, request: bytes) -> None:
+        await stream.aclose()
+
+    async with raw_server(hang_up) as (url, requests, connections), client(url) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/system_stats")
+    assert (len(requests), connections) == (1, [1])
