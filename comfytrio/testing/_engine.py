@@ -31,7 +31,7 @@ from PIL import Image
 
 from ._faults import Faults, SimulatedNodeError
 from ._nodes import NodeDef, NodeRegistry, encode_preview
-from ._paths import FakePaths
+from ._paths import FakePaths, disk_work
 from ._validate import validate_prompt
 
 __all__ = ["Engine", "MessageSink", "Settings", "Tally"]
@@ -322,7 +322,7 @@ class _Context:
         self.engine.send(BINARY_TEXT, struct.pack(">I", len(node)) + node + text.encode(), None)
 
     async def in_thread(self, fn: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(fn)
+        return await disk_work(fn)
 
 
 class Engine:

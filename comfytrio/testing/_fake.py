@@ -27,6 +27,9 @@ __all__ = ["FakeComfyUI", "serve_fake_comfyui"]
 
 logger = logging.getLogger("comfytrio.testing")
 
+DEFAULT_IDLE_TIMEOUT = 75.0
+"""Seconds an idle keep-alive connection is kept open: aiohttp's default, so ComfyUI's."""
+
 
 class _Generation:
     """One life of the server between a start and a crash (queue and history live here)."""
@@ -59,7 +62,12 @@ class FakeComfyUI:
         system: SystemInfo,
         startup_delay: float = 0.0,
         exit_on_crash: bool = False,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
+        if not idle_timeout > 0:
+            raise ValueError(
+                f"idle_timeout must be a positive number of seconds, got {idle_timeout}"
+            )
         self.paths = paths
         self.host = host
         self.port = port
@@ -77,6 +85,7 @@ class FakeComfyUI:
         self._config.errorlog = logging.getLogger("comfytrio.testing.hypercorn")
         self._config.accesslog = None
         self._config.include_server_header = False
+        self._config.keep_alive_timeout = float(idle_timeout)
 
     # -- where --------------------------------------------------------------------------
 
@@ -112,6 +121,12 @@ class FakeComfyUI:
         return self.paths.models
 
     # -- knobs --------------------------------------------------------------------------
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds an idle keep-alive connection is kept before the server closes it (75 by
+        default, as aiohttp, so ComfyUI, does)."""
+        return float(self._config.keep_alive_timeout)
 
     @property
     def seconds_per_image(self) -> float:
@@ -440,6 +455,7 @@ async def serve_fake_comfyui(
     startup_delay: float = 0.0,
     cpu: bool = True,
     disable_metadata: bool = False,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     task_status: trio.TaskStatus[FakeComfyUI] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a fake ComfyUI 0.3.64 until cancelled; ``nursery.start`` returns its handle.
@@ -451,6 +467,8 @@ async def serve_fake_comfyui(
     decoder or SaveImage produces, ``seconds_per_step`` per sampler step and latent.
     ``startup_delay`` keeps the port refusing connections that long after the handle is
     returned. ``cpu=False`` reports a fake CUDA device naming ``CUDA_VISIBLE_DEVICES``.
+    ``idle_timeout`` is how many seconds an idle keep-alive connection is kept before the
+    server closes it (75, as ComfyUI's aiohttp does; ``handle.idle_timeout``).
 
     Example::
 
@@ -477,6 +495,7 @@ async def serve_fake_comfyui(
         ),
         system=system,
         startup_delay=startup_delay,
+        idle_timeout=idle_timeout,
     )
     await run_fake(fake, task_status=task_status)
 

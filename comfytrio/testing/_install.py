@@ -41,10 +41,12 @@ def lay_out_fake_comfyui_install(
     ``info``); they are loaded at every start.
 
     Environment variables of the started process: ``COMFYTRIO_FAKE_SECONDS_PER_IMAGE``,
-    ``COMFYTRIO_FAKE_SECONDS_PER_STEP``, ``COMFYTRIO_FAKE_STARTUP_DELAY`` (seconds before it
-    listens), ``COMFYTRIO_FAKE_EXIT_AT_START=<code>`` (print to stderr and exit while
-    starting), ``COMFYTRIO_FAKE_CRASH_ON_NODE=<id or class_type>`` (SIGKILL itself when that
-    node starts), ``COMFYTRIO_FAKE_FAIL_NODE=<id or class_type>`` (that node raises).
+    ``COMFYTRIO_FAKE_SECONDS_PER_STEP``, ``COMFYTRIO_FAKE_IDLE_TIMEOUT`` (seconds before an
+    idle keep-alive connection is closed, 75 by default), ``COMFYTRIO_FAKE_STARTUP_DELAY``
+    (seconds before it listens), ``COMFYTRIO_FAKE_EXIT_AT_START=<code>`` (print to stderr and
+    exit while starting), ``COMFYTRIO_FAKE_CRASH_ON_NODE=<id or class_type>`` (SIGKILL
+    itself when that node starts), ``COMFYTRIO_FAKE_FAIL_NODE=<id or class_type>`` (that node
+    raises).
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)

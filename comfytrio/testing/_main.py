@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from ._engine import Settings
-from ._fake import FakeComfyUI, run_fake
+from ._fake import DEFAULT_IDLE_TIMEOUT, FakeComfyUI, run_fake
 from ._install import FAKE_NODES_FILE
 from ._paths import FakePaths, parse_extra_model_paths
 from ._server import SystemInfo
@@ -36,6 +36,8 @@ ENV_STARTUP_DELAY = "COMFYTRIO_FAKE_STARTUP_DELAY"
 ENV_EXIT_AT_START = "COMFYTRIO_FAKE_EXIT_AT_START"
 ENV_CRASH_ON_NODE = "COMFYTRIO_FAKE_CRASH_ON_NODE"
 ENV_FAIL_NODE = "COMFYTRIO_FAKE_FAIL_NODE"
+ENV_IDLE_TIMEOUT = "COMFYTRIO_FAKE_IDLE_TIMEOUT"
+"""Seconds an idle keep-alive connection is kept before the fake closes it (default 75)."""
 
 
 def _existing_dir(path: str) -> str:
@@ -75,6 +77,19 @@ def _env_float(name: str, default: float = 0.0) -> float:
     except ValueError:
         logger.warning("%s=%r is not a number; using %g", name, raw, default)
         return default
+
+
+def _idle_timeout() -> float:
+    seconds = _env_float(ENV_IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT)
+    if not seconds > 0:
+        logger.warning(
+            "%s=%r is not a positive number; using %g",
+            ENV_IDLE_TIMEOUT,
+            os.environ.get(ENV_IDLE_TIMEOUT),
+            DEFAULT_IDLE_TIMEOUT,
+        )
+        return DEFAULT_IDLE_TIMEOUT
+    return seconds
 
 
 def _setup_logging(level: str) -> None:
@@ -157,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         system=system,
         startup_delay=_env_float(ENV_STARTUP_DELAY),
         exit_on_crash=True,
+        idle_timeout=_idle_timeout(),
     )
     _load_nodes(fake, install)
     if os.environ.get(ENV_CRASH_ON_NODE):

@@ -15,15 +15,32 @@ import mimetypes
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+import trio.testing
 
 __all__ = [
     "MODEL_FOLDERS",
     "FakePaths",
+    "disk_work",
     "parse_extra_model_paths",
 ]
+
+T = TypeVar("T")
+
+
+async def disk_work(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking file work in a worker thread, as a real server keeps its loop free; run
+    it inline under trio's ``MockClock``, whose autojump would otherwise leap virtual time
+    (past the timeouts of the client under test) while the thread runs."""
+    if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
+
 
 logger = logging.getLogger("comfytrio.testing")
 

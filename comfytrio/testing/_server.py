@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket
 from ._engine import Engine, _member
 from ._faults import Gate
 from ._nodes import NodeRegistry
-from ._paths import FakePaths
+from ._paths import FakePaths, disk_work
 
 __all__ = ["COMFYUI_VERSION", "Connection", "SocketHub", "SystemInfo", "build_app"]
 
@@ -245,7 +245,7 @@ class _Routes:
         return _json(self.engine.queue_info())
 
     async def object_info(self, request: Request) -> Response:
-        info = await trio.to_thread.run_sync(self.registry.object_info, self.paths)
+        info = await disk_work(self.registry.object_info, self.paths)
         return _json(info)
 
     async def object_info_node(self, request: Request) -> Response:
@@ -253,13 +253,13 @@ class _Routes:
         node = self.registry.get(name)
         if node is None:
             return _json({})
-        return _json({name: await trio.to_thread.run_sync(node.object_info, self.paths)})
+        return _json({name: await disk_work(node.object_info, self.paths)})
 
     async def models(self, request: Request) -> Response:
         return _json(self.paths.model_folder_names())
 
     async def models_folder(self, request: Request) -> Response:
-        files = await trio.to_thread.run_sync(self.paths.list_models, request.path_params["folder"])
+        files = await disk_work(self.paths.list_models, request.path_params["folder"])
         if files is None:
             return _empty(404)
         return _json(files)
@@ -286,7 +286,7 @@ class _Routes:
         query = request.query_params
         if "filename" not in query:
             return _empty(404)
-        found = await trio.to_thread.run_sync(_view, self.paths, dict(query))
+        found = await disk_work(_view, self.paths, dict(query))
         if isinstance(found, int):
             return _empty(found)
         body, content_type, name = found
@@ -349,7 +349,7 @@ class _Routes:
                 raise TypeError("'str' object has no attribute 'file'")
             data = await image.read()
             filename = image.filename or ""
-        answer = await trio.to_thread.run_sync(_store_upload, self.paths, filename, data, fields)
+        answer = await disk_work(_store_upload, self.paths, filename, data, fields)
         if isinstance(answer, int):
             return _empty(answer)
         return _json(answer)
