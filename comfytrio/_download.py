@@ -25,6 +25,7 @@ import trio
 from ._errors import DownloadError, UnsafeNameError
 
 __all__ = [
+    "DEFAULT_DOWNLOAD_TIMEOUT",
     "DEFAULT_MAX_DOWNLOAD_BYTES",
     "Downloader",
     "check_download_url",
@@ -36,6 +37,11 @@ logger = logging.getLogger("comfytrio.download")
 
 DEFAULT_MAX_DOWNLOAD_BYTES = 8 * 1024**3
 """The default size cap of one download (8 GiB: larger than any LoRA in the wild)."""
+
+DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
+"""The default deadline of one download, in seconds, from the request to the last byte: a
+server that trickles a byte at a time (each one resetting httpx's read timeout) cannot hold a
+job for longer than this."""
 
 _CHUNK = 1 << 16
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -96,19 +102,36 @@ class _Flight:
 
 
 class Downloader:
-    """Downloads files for plugins: http(s) only, a size cap, a temp file renamed into place,
-    an optional sha256, and at most one request at a time per destination.
+    """Downloads files for plugins: http(s) only, a size cap, an overall deadline, a temp
+    file renamed into place, an optional sha256, and at most one request at a time per
+    destination.
 
-    ``max_bytes`` is the default cap of one download (``DEFAULT_MAX_DOWNLOAD_BYTES``); each
-    call may lower or raise it. One ``Downloader`` is made per plugin manager, so it lives as
-    long as the api that uses it.
+    ``max_bytes`` is the default cap of one download (``DEFAULT_MAX_DOWNLOAD_BYTES``) and
+    ``timeout`` its default deadline in seconds, from the request to the last byte
+    (``DEFAULT_DOWNLOAD_TIMEOUT``; ``math.inf``: none); each call may lower or raise either.
+    One ``Downloader`` is made per plugin manager, so it lives as long as the api that uses
+    it.
     """
 
-    def __init__(self, *, max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+    ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        _check_timeout(timeout)
         self.max_bytes = max_bytes
+        self.timeout = timeout
+        """The default deadline of one download, in seconds."""
         self._in_flight: dict[str, _Flight] = {}
+
+    def _deadline(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.timeout
+        _check_timeout(timeout)
+        return timeout
 
     async def download(
         self,
@@ -118,6 +141,7 @@ class Downloader:
         *,
         sha256: str | None = None,
         max_bytes: int | None = None,
+        timeout: float | None = None,
     ) -> bool:
         """Download ``url`` to ``dest`` unless ``dest`` already exists.
 
@@ -126,15 +150,17 @@ class Downloader:
         Concurrent calls for the same ``dest`` make one request; if it fails, each of them
         raises. The bytes go to a temp file in ``dest``'s folder and are renamed into place
         only once complete and verified, so no partial file is ever left, even on
-        cancellation.
+        cancellation. ``max_bytes`` and ``timeout`` (seconds for the whole transfer) default
+        to the downloader's; the call that makes the request sets them for every waiter.
 
         Raises ``DownloadError`` (``url``, ``reason``): a scheme other than http(s), an HTTP
-        status other than 200, a body over the cap, a sha256 mismatch, a connection error or
-        a body cut short, or a local write error.
+        status other than 200, a body over the cap, a transfer past its deadline, a sha256
+        mismatch, a connection error or a body cut short, or a local write error.
         """
         check_download_url(url)
         check_sha256(url, sha256)
         cap = self.max_bytes if max_bytes is None else max_bytes
+        deadline = self._deadline(timeout)
         key = os.fspath(dest)  # callers pass paths built one way (models_path/loras/name)
         while (flight := self._in_flight.get(key)) is not None:
             await flight.done.wait()
@@ -149,7 +175,13 @@ class Downloader:
             if await trio.Path(dest).exists():
                 flight.downloaded = False
                 return False
-            await self._download_to(http, url, dest, sha256=sha256, max_bytes=cap)
+            progress = _Progress()
+            with trio.move_on_after(deadline) as scope:
+                await self._download_to(
+                    http, url, dest, sha256=sha256, max_bytes=cap, progress=progress
+                )
+            if scope.cancelled_caught:
+                raise _late(url, deadline, progress.received)
             flight.downloaded = True
             return True
         except DownloadError as exc:
@@ -167,6 +199,7 @@ class Downloader:
         *,
         sha256: str | None,
         max_bytes: int,
+        progress: _Progress,
     ) -> None:
         folder = trio.Path(dest.parent)
         try:
@@ -181,6 +214,7 @@ class Downloader:
         logger.info("downloading %s -> %s", url, dest)
         try:
             async with http.stream("GET", url) as response:
+                progress.response = response
                 if response.status_code != 200:
                     raise DownloadError(url, f"HTTP {response.status_code}")
                 _check_declared_length(url, response, max_bytes)
@@ -211,29 +245,67 @@ class Downloader:
                 await tmp.unlink(missing_ok=True)
 
     async def fetch(
-        self, http: httpx.AsyncClient, url: str, *, max_bytes: int | None = None
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        *,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
     ) -> bytes:
-        """Download ``url`` into memory (an input image, say), at most ``max_bytes`` bytes.
+        """Download ``url`` into memory (an input image, say), at most ``max_bytes`` bytes
+        within ``timeout`` seconds (both default to the downloader's).
 
         Raises ``DownloadError`` as ``download`` does.
         """
         check_download_url(url)
         cap = self.max_bytes if max_bytes is None else max_bytes
+        deadline = self._deadline(timeout)
         body = bytearray()
+        progress = _Progress()
         try:
-            async with http.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise DownloadError(url, f"HTTP {response.status_code}")
-                _check_declared_length(url, response, cap)
-                async with _chunks(response) as chunks:
-                    async for chunk in chunks:
-                        body += chunk
-                        if len(body) > cap:
-                            raise DownloadError(url, f"the body is over the {cap}-byte cap")
+            with trio.move_on_after(deadline) as scope:
+                async with http.stream("GET", url) as response:
+                    progress.response = response
+                    if response.status_code != 200:
+                        raise DownloadError(url, f"HTTP {response.status_code}")
+                    _check_declared_length(url, response, cap)
+                    async with _chunks(response) as chunks:
+                        async for chunk in chunks:
+                            body += chunk
+                            if len(body) > cap:
+                                raise DownloadError(url, f"the body is over the {cap}-byte cap")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DownloadError(url, _describe(exc)) from exc
+        if scope.cancelled_caught:
+            raise _late(url, deadline, progress.received)
         logger.debug("fetched %s (%d bytes)", url, len(body))
         return bytes(body)
+
+
+@attrs.define
+class _Progress:
+    """How far a transfer got (for the message of one past its deadline)."""
+
+    response: httpx.Response | None = None
+
+    @property
+    def received(self) -> int:
+        """Bytes of body received so far, counted as they come off the wire (the chunks a
+        transfer reads are larger: a byte a second fills none)."""
+        return 0 if self.response is None else self.response.num_bytes_downloaded
+
+
+def _late(url: str, deadline: float, received: int) -> DownloadError:
+    logger.warning("download of %s cut at its %g s deadline (%d bytes)", url, deadline, received)
+    return DownloadError(url, f"did not finish in {deadline:g} s ({received} bytes received)")
+
+
+def _check_timeout(timeout: float) -> None:
+    # NaN and non-numbers fail the comparison too; math.inf means no deadline.
+    if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0):
+        raise ValueError(
+            f"a download timeout must be a positive number of seconds, got {timeout!r}"
+        )
 
 
 def _chunks(response: httpx.Response) -> aclosing[AsyncGenerator[bytes, None]]:

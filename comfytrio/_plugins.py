@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from ._download import DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
+from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import PluginError
 from .hookspecs import AssetResolver, ParamType
 
@@ -45,13 +45,15 @@ def make_plugin_manager(
     entrypoints: bool = True,
     blocked: Iterable[str] | None = None,
     max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
 ) -> Plugins:
     """Make a fresh plugin manager (each call is independent: tests get their own).
 
     ``entrypoints``: load every plugin of the ``comfytrio`` entry-point group (the standard
     ``std`` plugin is one of them); False gives an empty manager to ``register`` into.
     ``blocked``: plugin names never to load, added to those of ``COMFYTRIO_BLOCK_PLUGINS``.
-    ``max_download_bytes``: the default size cap of the downloader plugins use.
+    ``max_download_bytes``: the default size cap of the downloader plugins use;
+    ``download_timeout``: its default deadline of one download, in seconds (an hour).
 
     Raises ``PluginError``: two entry points with one name, a plugin that fails to import,
     an unknown hook (``check_pending``), a param type or resolver name registered twice.
@@ -60,7 +62,7 @@ def make_plugin_manager(
     manager.add_hookspecs(hookspecs)
     for name in _env_blocked() | set(blocked or ()):
         manager.set_blocked(name)
-    plugins = Plugins(manager, Downloader(max_bytes=max_download_bytes))
+    plugins = Plugins(manager, Downloader(max_bytes=max_download_bytes, timeout=download_timeout))
     if entrypoints:
         plugins.load_entrypoints()
     plugins.refresh()

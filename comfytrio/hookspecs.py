@@ -160,18 +160,27 @@ class JobContext:
     """The api's downloader (single-flight, capped, atomic)."""
 
     async def download(
-        self, url: str, dest: Path, *, sha256: str | None = None, max_bytes: int | None = None
+        self,
+        url: str,
+        dest: Path,
+        *,
+        sha256: str | None = None,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
     ) -> bool:
         """``Downloader.download`` with the job's client: fetch ``url`` into ``dest`` unless
-        present; True when fetched. Raises ``DownloadError``."""
+        present, within ``timeout`` seconds (None: the downloader's); True when fetched.
+        Raises ``DownloadError``."""
         return await self.downloader.download(
-            self.http, url, dest, sha256=sha256, max_bytes=max_bytes
+            self.http, url, dest, sha256=sha256, max_bytes=max_bytes, timeout=timeout
         )
 
-    async def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
-        """``Downloader.fetch`` with the job's client: the body of ``url``, capped.
-        Raises ``DownloadError``."""
-        return await self.downloader.fetch(self.http, url, max_bytes=max_bytes)
+    async def fetch(
+        self, url: str, *, max_bytes: int | None = None, timeout: float | None = None
+    ) -> bytes:
+        """``Downloader.fetch`` with the job's client: the body of ``url``, capped, within
+        ``timeout`` seconds (None: the downloader's). Raises ``DownloadError``."""
+        return await self.downloader.fetch(self.http, url, max_bytes=max_bytes, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- param types

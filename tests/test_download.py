@@ -5,12 +5,17 @@ Every download here comes from a real HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
+from functools import partial
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from test_plugins_support import Route, local_client, start_http_server
 
 from comfytrio import DownloadError, UnsafeNameError
@@ -247,3 +252,126 @@ async def test_an_unreachable_server_is_a_download_error(tmp_path: Path) -> None
 def test_a_bad_expected_digest_is_refused_before_any_request() -> None:
     with pytest.raises(DownloadError, match="64 hex digits"):
         check_sha256("http://x/y", "abc")
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+@attrs.define(eq=False)
+class TrickleServer:
+    """Answers every request with a 1 MB body announced, then sends it a byte a second."""
+
+    port: int = 0
+    requests: int = 0
+
+    @property
+    def url(self) -> str:
+        """The URL it answers."""
+        return f"http://127.0.0.1:{self.port}/slow.safetensors"
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                head += chunk
+            self.requests += 1
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+                while True:
+                    await stream.send_all(b"x")
+                    await trio.sleep(1)
+
+
+async def start_trickle_server(nursery: trio.Nursery) -> TrickleServer:
+    """Start a ``TrickleServer`` on 127.0.0.1 (a free port) in ``nursery``."""
+    server = TrickleServer()
+    listeners = await nursery.start(partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1"))
+    server.port = listeners[0].socket.getsockname()[1]
+    return server
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """A virtual clock that jumps once every task has been blocked for 20 ms of real time
+    (not at once, as ``autojump_clock`` does: the downloader makes its folder and files in
+    threads, and a jump while one runs would pass the deadline before the request is sent)."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+def received(error: DownloadError) -> int:
+    """The bytes a deadline error says were received."""
+    found = re.search(r"\((\d+) bytes received\)", error.reason)
+    assert found, error.reason
+    return int(found.group(1))
+
+
+async def test_a_trickling_download_fails_at_its_deadline_for_every_waiter(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = await start_trickle_server(nursery)
+    downloader = Downloader(timeout=10)
+    dest = tmp_path / "loras" / "slow.safetensors"
+    errors: list[DownloadError] = []
+    async with local_client() as http:
+
+        async def ask() -> None:
+            with pytest.raises(DownloadError) as caught:
+                await downloader.download(http, server.url, dest)
+            errors.append(caught.value)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as callers:
+            for _ in range(3):
+                callers.start_soon(ask)
+        assert trio.current_time() - started == pytest.approx(10, abs=1)
+    assert server.requests == 1
+    assert len(errors) == 3
+    for error in errors:
+        assert error.url == server.url
+        assert error.reason.startswith("did not finish in 10 s (")
+        assert 5 <= received(error) <= 11  # a byte a second
+    assert leftovers(dest.parent) == []
+
+
+async def test_a_per_call_deadline_overrides_the_downloaders(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = await start_trickle_server(nursery)
+    async with local_client() as http:
+        started = trio.current_time()
+        with pytest.raises(DownloadError, match=r"did not finish in 2\.5 s") as caught:
+            await Downloader().download(http, server.url, tmp_path / "x", timeout=2.5)
+        assert trio.current_time() - started == pytest.approx(2.5, abs=0.5)
+    assert caught.value.url == server.url
+    assert leftovers(tmp_path) == []
+
+
+async def test_a_trickling_fetch_fails_at_its_deadline(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = await start_trickle_server(nursery)
+    async with local_client() as http:
+        with pytest.raises(DownloadError) as caught:
+            await Downloader(timeout=10).fetch(http, server.url)
+        assert caught.value.url == server.url
+        assert caught.value.reason.startswith("did not finish in 10 s (")
+        assert 5 <= received(caught.value) <= 11
+        with pytest.raises(DownloadError, match=r"did not finish in 3 s"):
+            await Downloader(timeout=10).fetch(http, server.url, timeout=3)
+    assert server.requests == 2
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+async def test_a_deadline_must_be_positive(timeout: float, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        Downloader(timeout=timeout)
+    async with local_client() as http:
+        with pytest.raises(ValueError, match="timeout"):
+            await Downloader().download(
+                http, "http://127.0.0.1:1/x", tmp_path / "x", timeout=timeout
+            )
+        with pytest.raises(ValueError, match="timeout"):
+            await Downloader().fetch(http, "http://127.0.0.1:1/x", timeout=timeout)

@@ -63,9 +63,13 @@ class ImageType(BaseParamType):
     name = "image"
     input_name = "image"
 
-    def __init__(self, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+    def __init__(
+        self, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, timeout: float | None = None
+    ) -> None:
         self.max_bytes = max_bytes
         """The size cap of one image."""
+        self.timeout = timeout
+        """Seconds fetching one image URL may take; None uses the downloader's."""
 
     def validate(self, param: Param) -> None:
         """Refuse a value that is not a non-empty str, path or bytes, and a URL whose scheme
@@ -123,7 +127,7 @@ class ImageType(BaseParamType):
         if isinstance(value, bytes | bytearray | memoryview):
             return bytes(value)
         if isinstance(value, str) and _is_url(value):
-            return await job.fetch(value, max_bytes=self.max_bytes)
+            return await job.fetch(value, max_bytes=self.max_bytes, timeout=self.timeout)
         path = trio.Path(os.fspath(value))
         try:
             size = (await path.stat()).st_size

@@ -170,9 +170,11 @@ class LoraDownloads(BaseAssetResolver):
 
     name = "lora-downloads"
 
-    def __init__(self, *, max_bytes: int | None = None) -> None:
+    def __init__(self, *, max_bytes: int | None = None, timeout: float | None = None) -> None:
         self.max_bytes = max_bytes
         """The size cap of one LoRA; None uses the downloader's."""
+        self.timeout = timeout
+        """Seconds one LoRA download may take; None uses the downloader's (an hour)."""
 
     def check(self, job: JobContext) -> None:
         """Refuse, before any I/O: a name that could escape ``loras/`` (``UnsafeNameError``),
@@ -224,6 +226,7 @@ class LoraDownloads(BaseAssetResolver):
                     safe_join(folder, lora.name),
                     sha256=lora.sha256,
                     max_bytes=self.max_bytes,
+                    timeout=self.timeout,
                 )
 
             await run_concurrently(fetching(lora) for lora in unique)
