@@ -10,6 +10,9 @@ Jobs are planned just in time: a job is admitted (``admit``), first come first s
 fewer than ``plan_ahead`` shards are queued or being planned (by default one more prompt for
 every slot of every instance). Until then it waits holding only what its caller passed, so
 10,000 waiting jobs cost 10,000 parked calls, not 10,000 plans, uploads and shard records.
+A job still planning after ``slow_planning`` seconds (waiting on a LoRA that trickles in, say)
+stops counting, so the jobs behind it that need no download are planned and keep the GPUs
+busy meanwhile.
 """
 
 from __future__ import annotations
@@ -179,7 +182,10 @@ class _Job:
     remaining: int = 0
     """Its shards that have not ended."""
     planning: bool = False
-    """Admitted and being planned: counted in ``Scheduler._planning`` until submitted."""
+    """Admitted and being planned: counted in ``Scheduler._planning`` until submitted,
+    abandoned, or found slow (whichever comes first uncounts it, once)."""
+    slow_timer: trio.CancelScope | None = None
+    """The scope of the task that uncounts it once its planning is slow."""
     done: trio.Event | None = None
     """Made when it is submitted (a job waiting to be planned holds as little as it can);
     set when its last shard ended."""
@@ -208,6 +214,8 @@ class Scheduler:
     ``plan_ahead``: how many shards may be queued or being planned before the next job waits
     to be admitted (None: ``depth`` x the number of workers, so every instance could take one
     more prompt before planning has to catch up).
+    ``slow_planning``: seconds after which a job still being planned stops counting (its turn
+    goes to the next waiting job, so one slow download does not idle the GPUs); None: never.
     """
 
     def __init__(
@@ -218,18 +226,23 @@ class Scheduler:
         max_attempts: int = 3,
         keep_finished: int = 100,
         plan_ahead: int | None = None,
+        slow_planning: float | None = 2.0,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         if plan_ahead is not None and plan_ahead < 1:
             raise ValueError(f"plan_ahead must be at least 1, got {plan_ahead}")
+        if slow_planning is not None and not slow_planning > 0:
+            raise ValueError(f"slow_planning must be positive seconds, got {slow_planning}")
         self._runner = runner
+        self.slow_planning = slow_planning
+        """Seconds of planning after which a job stops holding back the next (None: never)."""
         self.depth = depth
         self.max_attempts = max_attempts
         self._plan_ahead = plan_ahead
         self._closed = False
         self._admission = trio.lowlevel.ParkingLot()  # jobs waiting to be planned, in order
-        self._planning = 0  # jobs admitted and not submitted yet
+        self._planning = 0  # jobs admitted, not submitted yet, and not found slow
         self._queue: collections.deque[ShardTask] = collections.deque()
         self._idle_lot = trio.lowlevel.ParkingLot()  # workers with no prompt in flight
         self._busy_lot = trio.lowlevel.ParkingLot()  # workers with a free second slot
@@ -271,14 +284,48 @@ class Scheduler:
         if self._closed:
             self.abandon(job_id)
             raise ComfyAPIError("the ComfyAPI was closed")
+        if self.slow_planning is not None:
+            # The caller plans in its own task once we return: a task of trio's own times
+            # it, so no task of ours has to poll (it is cancelled when the job is submitted
+            # or abandoned, and with the run).
+            job.slow_timer = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(
+                self._time_planning,
+                job,
+                job.slow_timer,
+                self.slow_planning,
+                name=f"comfytrio planning timer {job_id}",
+            )
+
+    async def _time_planning(self, job: _Job, scope: trio.CancelScope, seconds: float) -> None:
+        """After ``seconds`` of planning, ``job`` stops counting in ``_planning``."""
+        with scope:
+            await trio.sleep(seconds)
+            if job.planning and self._jobs.get(job.job_id) is job:
+                logger.info(
+                    "job %s: still planning after %g s; planning the next job meanwhile",
+                    job.job_id,
+                    seconds,
+                )
+                self._uncount(job)
+                self._admit()
+
+    def _uncount(self, job: _Job) -> None:
+        """``job`` no longer counts in ``_planning`` (submitted, abandoned or slow): the one
+        decrement that matches the increment that admitted it."""
+        if job.slow_timer is not None:
+            job.slow_timer.cancel()
+            job.slow_timer = None
+        if job.planning:
+            job.planning = False
+            self._planning -= 1
 
     def abandon(self, job_id: str) -> None:
         """An admitted job will not be submitted (its planning failed): forget it and let
         the next one in."""
         job = self._jobs.pop(job_id, None)
-        if job is not None and job.planning:
-            job.planning = False
-            self._planning -= 1
+        if job is not None:
+            self._uncount(job)
         self._admit()
 
     def _admit(self) -> None:
@@ -294,9 +341,7 @@ class Scheduler:
         job = self._jobs.get(job_id)
         if job is None:
             job = self._jobs[job_id] = _Job(job_id, trio.current_time())
-        if job.planning:
-            job.planning = False
-            self._planning -= 1
+        self._uncount(job)
         job.tasks = tasks
         job.remaining = len(tasks)
         job.done = trio.Event()

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from comfytrio import (
     ApiStatistics,
@@ -361,3 +362,123 @@ async def test_abandoning_a_job_lets_the_next_one_in() -> None:
             assert scheduler.statistics([]).waiting_jobs == 2
             scheduler.abandon("a")  # a's planning failed
     assert [j.job_id for j in scheduler.statistics([]).jobs] == ["b"]
+
+
+# --------------------------------------------------------------------------- slow planning
+
+
+@attrs.define(eq=False)
+class Admissions:
+    """Admits jobs in their own tasks and notes when each got its turn."""
+
+    scheduler: Scheduler
+    nursery: trio.Nursery
+    at: dict[str, float] = attrs.field(factory=dict)
+
+    def start(self, job_id: str) -> None:
+        """Ask for ``job_id``'s turn in a task of its own."""
+        self.nursery.start_soon(self._admit, job_id)
+
+    async def _admit(self, job_id: str) -> None:
+        await self.scheduler.admit(job_id)
+        self.at[job_id] = trio.current_time()
+
+
+async def test_a_job_slow_to_plan_hands_its_turn_to_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ran: list[str] = []
+
+    async def runner(instance: object, task: ShardTask) -> list[str]:
+        ran.append(task.job_id)
+        return []
+
+    scheduler = Scheduler(runner, depth=1, plan_ahead=1, slow_planning=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scheduler.run_worker, Box())
+        admissions = Admissions(scheduler, nursery)
+        start = trio.current_time()
+        await scheduler.admit("a")  # planned at once, then "waits for its LoRA" forever
+        admissions.start("b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert admissions.at == {}  # a holds the only turn
+        await trio.sleep(1.9)
+        assert admissions.at == {}
+        await trio.sleep(0.2)
+        assert admissions.at == {"b": start + 2}  # a was slow: b is planned meanwhile
+        scheduler.submit("b", [ShardTask("b", 0, None)])
+        with trio.fail_after(1):
+            await scheduler.wait("b")
+        assert ran == ["b"]  # b's shard ran while a was still planning
+        assert scheduler._planning == 0  # a no longer counts, b was submitted
+
+        # a's plan is finally ready: its submit uncounts nothing more.
+        admissions.start("c")  # nothing queued or counting: planned at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert "c" in admissions.at
+        scheduler.submit("a", [ShardTask("a", 0, None)])
+        assert scheduler._planning == 1  # c
+        with trio.fail_after(1):
+            await scheduler.wait("a")
+        assert ran == ["b", "a"]
+        admissions.start("d")
+        await trio.testing.wait_all_tasks_blocked()
+        assert "d" not in admissions.at  # c holds the turn...
+        scheduler.abandon("c")  # ...until its planning fails
+        await trio.testing.wait_all_tasks_blocked()
+        assert "d" in admissions.at
+        assert scheduler._planning == 1  # d
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_job_abandoned_at_last_keeps_the_count_right(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1, slow_planning=2)
+    async with trio.open_nursery() as nursery:
+        admissions = Admissions(scheduler, nursery)
+        await scheduler.admit("a")
+        admissions.start("b")
+        await trio.sleep(2.5)
+        assert "b" in admissions.at  # a was slow
+        scheduler.abandon("a")  # a's download failed in the end
+        assert scheduler._planning == 1  # b still counts; a was uncounted once
+        admissions.start("c")
+        await trio.testing.wait_all_tasks_blocked()
+        assert "c" not in admissions.at  # b holds the turn
+        scheduler.submit("b", [ShardTask("b", 0, None)])  # queued: that is plan_ahead
+        await trio.testing.wait_all_tasks_blocked()
+        assert "c" not in admissions.at
+        nursery.start_soon(scheduler.run_worker, Box())  # takes b's shard: c's turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert "c" in admissions.at
+        assert scheduler._planning == 1  # c
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_job_planned_in_time_is_never_uncounted_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1, slow_planning=2)
+    await scheduler.admit("a")
+    await trio.sleep(1)
+    scheduler.submit("a", [])  # planned in time (to no shards: the queue stays empty)
+    assert scheduler._planning == 0
+    await trio.sleep(10)  # past the slow mark: its timer was cancelled with the submit
+    assert scheduler._planning == 0
+    await scheduler.admit("b")
+    scheduler.abandon("b")
+    await trio.sleep(10)
+    assert scheduler._planning == 0
+
+
+async def test_slow_planning_none_keeps_strict_turns(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    scheduler = Scheduler(nothing, depth=1, plan_ahead=1, slow_planning=None)
+    await scheduler.admit("a")
+    with trio.move_on_after(1000) as waited:
+        await scheduler.admit("b")
+    assert waited.cancelled_caught
+    with pytest.raises(ValueError, match="slow_planning"):
+        Scheduler(nothing, slow_planning=0)
