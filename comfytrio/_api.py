@@ -17,7 +17,15 @@ import httpx
 import trio
 
 from ._client import PromptResult, tls_context
-from ._errors import ComfyAPIError, ServerLostError, UnsafeNameError, leaf_errors, single_error
+from ._download import DEFAULT_DOWNLOAD_TIMEOUT
+from ._errors import (
+    ComfyAPIError,
+    ComfyUITimeoutError,
+    ExecutionError,
+    ServerLostError,
+    UnsafeNameError,
+    single_error,
+)
 from ._gpu import detect_gpus
 from ._instance import Instance
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
@@ -42,6 +50,9 @@ __all__ = ["ComfyAPI"]
 
 logger = logging.getLogger("comfytrio")
 
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024**3
+"""The default size cap of one output file downloaded from a remote server (4 GiB)."""
+
 _DOWNLOADS_PER_SHARD = 8
 """How many of one shard's outputs are downloaded at the same time."""
 
@@ -63,16 +74,28 @@ class ComfyAPI:
 
     Arguments: ``models_path`` (models root, ``checkpoints/``, ``loras/``, ...); ``gpu``
     (``GPUInfo``; None detects with NVML); ``ready_timeout`` (seconds for a server to answer
-    ``/system_stats``); ``execution_timeout`` (seconds per shard, from its submission);
+    ``/system_stats``); ``execution_timeout`` (seconds a shard may run, counted from when
+    its prompt starts to run on its server, default an hour: time in the server's queue is
+    not counted);
     ``state_dir`` (per-instance folders, default ``<install>/comfytrio``); ``download_dir``
     (outputs of remote servers, default ``./comfytrio-outputs``); ``plugins`` (a
     ``make_plugin_manager()`` result; default: every installed plugin); ``env`` (extra
     environment for our processes); ``prompts_per_instance`` (our prompts kept inside each
-    ComfyUI, default 2); ``faults`` (``FaultPolicy``: retries, restarts, health probes).
+    ComfyUI, default 2); ``faults`` (``FaultPolicy``: retries, restarts, health probes);
+    ``min_instances`` (the block is entered once this many instances are ready, default 1;
+    the others join as they become ready: a remote server that cannot be reached yet is
+    retried in the background, and a process of ours that cannot start is logged);
+    ``max_output_bytes`` (the size cap of one output downloaded from a remote server; a
+    shard's downloads must also end within its ``execution_timeout`` after its prompt);
+    ``download_timeout`` (seconds one LoRA or image URL download may take in all, for the
+    plugin manager the api makes; default an hour); ``slow_planning`` (seconds after which a
+    job still being planned, waiting on a download say, lets the next job be planned too;
+    None: jobs are planned strictly one after another).
 
-    Raises ``ComfyUIStartupError`` (``PortInUseError``), ``ComfyUITimeoutError`` or
-    ``ServerLostError`` on entry when a server cannot be started or reached (the others are
-    stopped first), ``ValueError`` when no instance is given.
+    Raises on entry, after stopping what was started: ``ComfyUIStartupError``
+    (``PortInUseError``) when so many of our processes cannot start that fewer than
+    ``min_instances`` are left, ``ComfyUITimeoutError`` when fewer than ``min_instances``
+    are ready after ``ready_timeout`` seconds; ``ValueError`` when no instance is given.
     """
 
     def __init__(
@@ -83,7 +106,7 @@ class ComfyAPI:
         gpu: GPUInfo | None = None,
         auto_start: bool = True,
         ready_timeout: float = 120.0,
-        execution_timeout: float = 600.0,
+        execution_timeout: float = 3600.0,
         state_dir: str | Path | None = None,
         download_dir: str | Path | None = None,
         plugins: Plugins | None = None,
@@ -91,7 +114,16 @@ class ComfyAPI:
         env: Mapping[str, str] | None = None,
         prompts_per_instance: int = 2,
         faults: FaultPolicy | None = None,
+        min_instances: int = 1,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
+        slow_planning: float | None = 2.0,
     ) -> None:
+        self.max_output_bytes = max_output_bytes
+        self.download_timeout = download_timeout
+        if min_instances < 1:
+            raise ValueError(f"min_instances must be at least 1, got {min_instances}")
+        self.min_instances = min_instances
         self.models_path = Path(models_path).resolve()
         self.gpu = gpu if gpu is not None else detect_gpus()
         self.auto_start = auto_start
@@ -108,6 +140,7 @@ class ComfyAPI:
             self._run_shard,
             depth=prompts_per_instance,
             max_attempts=self.faults.max_shard_attempts,
+            slow_planning=slow_planning,
         )
         self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -210,7 +243,7 @@ class ComfyAPI:
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[ComfyAPI]:
         if self._plugins is None:
-            self._plugins = make_plugin_manager()
+            self._plugins = make_plugin_manager(download_timeout=self.download_timeout)
         try:
             async with (
                 httpx.AsyncClient(
@@ -262,23 +295,60 @@ class ComfyAPI:
                     logger.error("failed %d queued shard(s): no healthy instance", count)
 
     async def _start_all(self, nursery: trio.Nursery) -> None:
-        """Start every instance at once; if any fails, raise the first startup error (the
-        others in ``other_errors``) after the started ones were stopped."""
-        try:
-            async with trio.open_nursery() as starters:
-                for instance in self.instances:
-                    starters.start_soon(nursery.start, instance.serve)
-        except BaseExceptionGroup as group:
-            nursery.cancel_scope.cancel()
-            errors = [e for e in leaf_errors(group) if isinstance(e, ComfyAPIError)]
-            if not errors:
-                raise
-            errors[0].other_errors = list(errors[1:])
-            raise errors[0] from None
-        logger.info("%d ComfyUI instance(s) ready", len(self.instances))
+        """Start (or connect to) every instance at once; return once each has had its first
+        try (our processes started or failed, the other servers answered or not) and at
+        least ``min_instances`` are ready. Servers that did not answer go on connecting in
+        ``nursery`` and take work when they are ready. Raises the first startup error (the
+        others in ``other_errors``) as soon as too few instances are left to reach
+        ``min_instances``, and ``ComfyUITimeoutError`` when they are not ready in
+        ``ready_timeout`` seconds."""
+        need = min(self.min_instances, len(self.instances))
+        ready: list[Instance] = []
+        failed: list[ComfyAPIError] = []
+        settled = trio.Event()
+
+        async def start(instance: Instance) -> None:
+            try:
+                await nursery.start(instance.serve)
+            except ComfyAPIError as exc:  # our process could not start
+                instance.last_error, instance.state = exc, "failed"
+                failed.append(exc)
+                logger.error("ComfyUI %s could not be started: %s", instance.name, exc)
+            else:
+                ready.append(instance)
+            if len(ready) >= need or len(self.instances) - len(failed) < need:
+                settled.set()
+
+        for instance in self.instances:
+            nursery.start_soon(start, instance)
+        # Our processes time out by themselves after ready_timeout; a little more for them.
+        with trio.move_on_after(self.ready_timeout + 5.0):
+            for instance in self.instances:  # so a job's split counts every server up now
+                await instance.tried.wait()
+            await settled.wait()
+        if len(ready) >= need:
+            waiting = [i.name for i in self.instances if i not in ready and i.state != "failed"]
+            logger.info(
+                "%d ComfyUI instance(s) ready%s",
+                len(ready),
+                f"; still starting or connecting: {', '.join(waiting)}" if waiting else "",
+            )
+            return
+        if failed and len(self.instances) - len(failed) < need:
+            failed[0].other_errors = list(failed[1:])
+            raise failed[0]
+        late = [i for i in self.instances if i not in ready]
+        raise ComfyUITimeoutError(
+            f"{len(ready)} of the {need} ComfyUI instance(s) needed were ready after "
+            f"{self.ready_timeout:g} s; "
+            + "; ".join(f"{i.name}: {i.last_error or i.state}" for i in late),
+            instance=late[0].name,
+            timeout=self.ready_timeout,
+        )
 
     async def __aenter__(self) -> ComfyAPI:
-        """Start (or attach to) every instance in parallel; ready when all answer."""
+        """Start (or attach to) every instance in parallel; ready when ``min_instances``
+        answer."""
         self._cm = self._open()
         return await self._cm.__aenter__()
 
@@ -328,10 +398,11 @@ class ComfyAPI:
         """Like ``execute_workflow`` but return a ``JobResult``: every output (path, instance,
         node id, file name, sub-folder, type), every failed shard, seeds and timings.
 
-        ``timeout`` bounds each shard's execution (default: the api's
-        ``execution_timeout``); a shard past it fails with ``ComfyUITimeoutError`` and its
-        prompt is interrupted. If the caller is cancelled, the job's prompts are deleted or
-        interrupted on every server before the cancellation goes on.
+        ``timeout`` bounds each shard's run (default: the api's ``execution_timeout``),
+        counted from when its prompt starts to run on its server, and then its downloads; a
+        shard past it fails with ``ComfyUITimeoutError`` and its prompt is interrupted. If
+        the caller is cancelled, the job's prompts are deleted or interrupted on every server
+        before the cancellation goes on.
         """
         if self._http is None or self._plugins is None:
             raise RuntimeError("use ComfyAPI inside `async with`")
@@ -370,7 +441,13 @@ class ComfyAPI:
         finished = await self._scheduler.wait(job_id)
         outputs = [o for t in finished if not t.failed for o in t.outcome]
         failures = [
-            ShardFailure(t.index, t.instance or "", t.prompt_id, t.outcome)
+            ShardFailure(
+                t.index,
+                t.instance or "",
+                t.prompt_id,
+                t.outcome,
+                tuple(t.outcome.outputs) if isinstance(t.outcome, ExecutionError) else (),
+            )
             for t in finished
             if t.failed
         ]
@@ -435,13 +512,56 @@ class ComfyAPI:
             for node in prompt.values():
                 if isinstance(node, dict) and node.get("class_type") in output_classes:
                     node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
-            result = await instance.client.run(prompt, prompt_id=task.prompt_id, timeout=timeout)
-            return await self._collect(result, instance, task.job_id)
+            try:
+                result = await instance.client.run(
+                    prompt, prompt_id=task.prompt_id, timeout=timeout
+                )
+            except ExecutionError as exc:
+                if exc.node_outputs:  # what it wrote before it failed is kept
+                    exc.outputs = tuple(await self._collect_partial(exc, instance, task, timeout))
+                raise
+            return await self._collect_within(timeout, result, instance, task.job_id)
         except ComfyAPIError as exc:
             logger.error(
                 "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
             )
             raise
+
+    async def _collect_within(
+        self, timeout: float, result: PromptResult, instance: Instance, job_id: str
+    ) -> list[OutputFile]:
+        """``_collect`` in ``timeout`` seconds (the shard's): a server that sends its files
+        too slowly fails the shard with ``ComfyUITimeoutError`` (no partial file is left)."""
+        with trio.move_on_after(timeout):
+            return await self._collect(result, instance, job_id)
+        raise ComfyUITimeoutError(
+            f"ComfyUI {instance.name}: the outputs of prompt {result.prompt_id} were not "
+            f"downloaded in {timeout:g} s (the shard's timeout)",
+            instance=instance.name,
+            prompt_id=result.prompt_id,
+            timeout=timeout,
+        )
+
+    async def _collect_partial(
+        self, error: ExecutionError, instance: Instance, task: ShardTask, timeout: float
+    ) -> list[OutputFile]:
+        """The files a failed prompt wrote before it failed; none when they cannot be had
+        (the prompt's error is the one to report)."""
+        partial = PromptResult(instance.name, error.prompt_id, error.node_outputs)
+        try:
+            files = await self._collect_within(timeout, partial, instance, task.job_id)
+        except ComfyAPIError as exc:
+            logger.warning(
+                "job %s: shard %d: the files written before it failed cannot be had: %s",
+                task.job_id,
+                task.index,
+                exc,
+            )
+            return []
+        logger.info(
+            "job %s: shard %d failed after writing %d file(s)", task.job_id, task.index, len(files)
+        )
+        return files
 
     async def _collect(
         self, result: PromptResult, instance: Instance, job_id: str
@@ -462,7 +582,9 @@ class ComfyAPI:
                 async def fetch() -> None:
                     async with limit:
                         dest = _inside(folder, ref.subfolder, ref.filename)
-                        paths[index] = await client.download(ref, dest)
+                        paths[index] = await client.download(
+                            ref, dest, max_bytes=self.max_output_bytes
+                        )
 
                 return fetch
 

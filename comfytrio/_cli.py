@@ -36,12 +36,12 @@ from rich.logging import RichHandler
 
 from . import __version__, _gpu
 from ._api import ComfyAPI
-from ._errors import ComfyAPIError, ParamError, PluginError, single_error
+from ._errors import ComfyAPIError, ExecutionError, ParamError, PluginError, single_error
 from ._gpu import detect_gpus
 from ._plan import MAX_SEED, validate_params
 from ._plugins import Plugins, make_plugin_manager
 from ._progress import Display, LineDisplay, LiveDisplay, follow_progress
-from ._types import ComfyUIInstance, GPUInfo, JobResult, LoRARef, ModelRef
+from ._types import ComfyUIInstance, GPUInfo, JobResult, LoRARef, ModelRef, OutputFile
 from ._workflow import node_ids_by_title
 
 __all__ = [
@@ -372,7 +372,7 @@ class _Setup:
     gpu: GPUInfo
     auto_start: bool = True
     ready_timeout: float = 120.0
-    execution_timeout: float = 600.0
+    execution_timeout: float = 3600.0
     state_dir: Path | None = None
     download_dir: Path | None = None
     plugins: Plugins | None = None
@@ -472,18 +472,7 @@ def _result_json(result: JobResult) -> dict[str, Any]:
         "seed": result.seed,
         "seconds": round(result.finished_at - result.started_at, 3),
         "paths": result.paths,
-        "outputs": [
-            {
-                "path": o.path,
-                "instance": o.instance,
-                "prompt_id": o.prompt_id,
-                "node_id": o.node_id,
-                "filename": o.filename,
-                "subfolder": o.subfolder,
-                "type": o.type,
-            }
-            for o in result.outputs
-        ],
+        "outputs": [_output_json(o) for o in result.outputs],
         "shards": [
             {
                 "index": s.index,
@@ -503,9 +492,25 @@ def _result_json(result: JobResult) -> dict[str, Any]:
                 "prompt_id": f.prompt_id,
                 "error": type(f.error).__name__,
                 "message": str(f.error),
+                "node_id": f.node_id,
+                "node_type": f.node_type,
+                "exception_type": f.exception_type,
+                "outputs": [_output_json(o) for o in f.outputs],
             }
             for f in result.failures
         ],
+    }
+
+
+def _output_json(o: OutputFile) -> dict[str, Any]:
+    return {
+        "path": o.path,
+        "instance": o.instance,
+        "prompt_id": o.prompt_id,
+        "node_id": o.node_id,
+        "filename": o.filename,
+        "subfolder": o.subfolder,
+        "type": o.type,
     }
 
 
@@ -517,6 +522,12 @@ def _error_json(exc: BaseException) -> dict[str, Any]:
             "type": type(exc).__name__,
             "message": str(exc),
             "other_errors": [{"type": type(e).__name__, "message": str(e)} for e in others],
+            "outputs": [
+                _output_json(o)
+                for e in (exc, *others)
+                if isinstance(e, ExecutionError)
+                for o in e.outputs
+            ],
         },
     }
 
@@ -725,9 +736,10 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--timeout",
         type=float,
-        default=600.0,
+        default=3600.0,
         metavar="S",
-        help="seconds each shard may run (default 600); then it fails and is interrupted",
+        help="seconds each shard may run, from when it starts running (default 3600); then "
+        "it fails and is interrupted",
     )
     job.add_argument(
         "--download-dir",
@@ -1347,6 +1359,25 @@ def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--startup-delay", type=float, default=0.0, help="seconds before it starts listening"
     )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_seconds,
+        default=75.0,
+        metavar="SECONDS",
+        help="seconds an idle keep-alive connection is kept before the server closes it "
+        "(default 75, as ComfyUI)",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
 
 
 def _fake_server(args: argparse.Namespace) -> int:
@@ -1376,6 +1407,7 @@ def _fake_server(args: argparse.Namespace) -> int:
             argv=["main.py", "--cpu", "--listen", args.host, "--port", str(args.port)]
         ),
         startup_delay=args.startup_delay,
+        idle_timeout=args.idle_timeout,
     )
 
     def ready(fake: FakeComfyUI) -> None:

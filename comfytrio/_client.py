@@ -29,10 +29,10 @@ import math
 import ssl
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -61,7 +61,7 @@ from ._events import (
     PromptStatus,
     QueueStatus,
 )
-from ._transport import ComfyTransport
+from ._transport import IDEMPOTENT, ComfyTransport
 from ._websocket import (
     WebSocket,
     WebSocketClosed,
@@ -81,6 +81,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("comfytrio.client")
+
+_RESEND = {IDEMPOTENT: True}
+"""Marks a POST that may be sent twice (deletes, interrupts): ComfyTransport then resends it
+on a new connection when it met one the server had just closed."""
 
 _MAX_WS_MESSAGE = 64 * 1024 * 1024  # execution_error carries the whole prompt; previews are big
 
@@ -127,27 +131,33 @@ class PromptResult:
     @property
     def files(self) -> list[OutputRef]:
         """Every file in ``outputs`` (images, and any other list of files a node reports)."""
-        found: list[OutputRef] = []
-        for node_id, output in self.outputs.items():
-            for items in output.values():
-                if not isinstance(items, list):
-                    continue
-                for item in items:
-                    if isinstance(item, Mapping) and "filename" in item:
-                        found.append(
-                            OutputRef(
-                                node_id=str(node_id),
-                                filename=str(item["filename"]),
-                                subfolder=str(item.get("subfolder", "")),
-                                type=str(item.get("type", "output")),
-                            )
-                        )
-        return found
+        return output_files(self.outputs)
 
     @property
     def fully_cached(self) -> bool:
         """True when every output node was served from ComfyUI's cache (no new file)."""
         return bool(self.outputs) and all(node in self.cached_nodes for node in self.outputs)
+
+
+def output_files(outputs: Mapping[str, Mapping[str, Any]]) -> list[OutputRef]:
+    """Every file in a prompt's outputs (node id -> ComfyUI's ``output`` dict): images, and
+    any other list of files a node reports."""
+    found: list[OutputRef] = []
+    for node_id, output in outputs.items():
+        for items in output.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, Mapping) and "filename" in item:
+                    found.append(
+                        OutputRef(
+                            node_id=str(node_id),
+                            filename=str(item["filename"]),
+                            subfolder=str(item.get("subfolder", "")),
+                            type=str(item.get("type", "output")),
+                        )
+                    )
+    return found
 
 
 @attrs.frozen
@@ -179,7 +189,9 @@ class _Watch:
     cached: tuple[str, ...] = ()
     error: dict[str, Any] | None = None
     interrupted: dict[str, Any] | None = None
-    started: bool = False
+    started_at: float | None = None  # when it was first seen running (its clock starts)
+    running: trio.Event = attrs.Factory(trio.Event)  # set once it runs, or once it ended
+    seen: bool = False  # the server sent an event for it: it knows the prompt
     gap: bool = False  # the socket dropped while it was in flight: events may be missing
     last_activity: float = 0.0
     outcome: PromptResult | ComfyAPIError | None = None
@@ -297,6 +309,7 @@ class ComfyClient:
     _abandoned: set[str] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _ws: WebSocket | None = attrs.field(default=None, init=False)
+    _last_message_at: float = attrs.field(default=-math.inf, init=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -445,9 +458,16 @@ class ComfyClient:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
+    @property
+    def last_message_at(self) -> float:
+        """``trio.current_time()`` when the websocket last brought a message (-inf before
+        the first): a server that sends progress is alive, however slowly it answers HTTP."""
+        return self._last_message_at
+
     async def _read(self, ws: WebSocket) -> None:
         while True:
             message = await ws.receive_text()  # binary previews are skipped there
+            self._last_message_at = trio.current_time()
             try:
                 msg = json.loads(message)
                 kind = msg["type"]
@@ -471,6 +491,9 @@ class ComfyClient:
         if watch is None or prompt_id is None:
             return
         watch.last_activity = trio.current_time()
+        watch.seen = True
+        if watch.started_at is None:  # any event of a prompt means it runs
+            self._mark_running(watch)
         subscribed = bool(self._subscribers)
         if kind == "executing":
             node = data.get("node")
@@ -496,7 +519,6 @@ class ComfyClient:
             if subscribed:
                 self._publish(NodeOutput(self.name, prompt_id, node_id, output))
         elif kind == "execution_start":
-            watch.started = True
             if subscribed:
                 self._publish(PromptStarted(self.name, prompt_id))
         elif kind == "execution_cached":
@@ -510,6 +532,11 @@ class ComfyClient:
 
     # ------------------------------------------------------------------ outcomes
 
+    @staticmethod
+    def _mark_running(watch: _Watch) -> None:
+        watch.started_at = trio.current_time()
+        watch.running.set()
+
     def _settle(
         self, watch: _Watch, outcome: PromptResult | ComfyAPIError, status: PromptStatus
     ) -> None:
@@ -517,6 +544,7 @@ class ComfyClient:
             return
         watch.outcome = outcome
         watch.done.set()
+        watch.running.set()
         if self._subscribers:
             self._publish(PromptFinished(self.name, watch.prompt_id, status))
 
@@ -547,6 +575,7 @@ class ComfyClient:
                     exception_type=str(error.get("exception_type", "")),
                     exception_message=str(error.get("exception_message", "")),
                     traceback=[str(t) for t in error.get("traceback") or ()],
+                    node_outputs=outputs,
                 ),
                 "error",
             )
@@ -559,6 +588,7 @@ class ComfyClient:
                     node_id=_opt_str(interrupted.get("node_id")),
                     node_type=_opt_str(interrupted.get("node_type")),
                     exception_type="interrupted",
+                    node_outputs=outputs,
                 ),
                 "interrupted",
             )
@@ -621,11 +651,13 @@ class ComfyClient:
         if not watches:
             return
         try:
-            queued = await self.queued_prompt_ids()
+            running, pending = _queue_ids(await self.queue())
             for watch in watches:
                 if watch.done.is_set():
                     continue
-                if watch.prompt_id in queued:
+                if watch.prompt_id in running and watch.started_at is None:
+                    self._mark_running(watch)  # its start event was missed
+                if watch.prompt_id in running or watch.prompt_id in pending:
                     watch.last_activity = trio.current_time()
                     continue
                 entry = await self.history(watch.prompt_id)
@@ -673,12 +705,9 @@ class ComfyClient:
         if extra_data:
             body["extra_data"] = dict(extra_data)
         try:
-            with _transport_errors(self.name, "POST /prompt"):
-                async with self._stream("POST", "/prompt", json_body=body) as r:
-                    await r.aread()
-            answer = _json_or_text(r)
-            if r.status_code != 200 or not isinstance(answer, dict):
-                raise _workflow_error(answer, r.status_code, self.name, prompt_id)
+            status, answer = await self._post_prompt(watch, body)
+            if status != 200 or not isinstance(answer, dict):
+                raise _workflow_error(answer, status, self.name, prompt_id)
             node_errors = answer.get("node_errors") or {}
             if node_errors and not allow_partial:
                 await self._cancel_shielded(prompt_id)
@@ -700,25 +729,86 @@ class ComfyClient:
         logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id, answer.get("number"))
         return SubmittedPrompt(prompt_id, float(answer.get("number", 0)), node_errors)
 
+    async def _post_prompt(self, watch: _Watch, body: Mapping[str, Any]) -> tuple[int, Any]:
+        """``POST /prompt``: its status and answer. A POST that failed after it may have
+        reached the server (the connection broke, or closed as an idle keep-alive one) is
+        looked up by its id, and sent once more only when the server has never heard of it,
+        so a prompt never runs twice. Raises ``ServerLostError`` when the server cannot be
+        reached or the outcome stays unknown (then the id is removed from the server once it
+        answers again)."""
+        prompt_id = watch.prompt_id
+        try:
+            return await self._send_prompt(body)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent
+            raise ServerLostError(self.name, f"POST /prompt failed: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            first = exc
+        logger.info(
+            "%s: POST /prompt of %s failed (%r): looking it up", self.name, prompt_id, first
+        )
+        try:
+            known = watch.seen or await self._knows_prompt(prompt_id)
+        except ServerLostError as exc:
+            self._abandoned.add(prompt_id)
+            raise ServerLostError(
+                self.name,
+                f"POST /prompt failed ({first!r}) and the server cannot say if it "
+                f"has the prompt ({exc.message})",
+                prompt_id=prompt_id,
+            ) from first
+        if known:
+            return 200, {"prompt_id": prompt_id, "number": 0, "node_errors": {}}
+        if isinstance(first, httpx.TimeoutException):
+            # It may still be validating our request: sending it again could run it twice.
+            self._abandoned.add(prompt_id)
+            raise ServerLostError(
+                self.name, f"POST /prompt got no answer: {first!r}", prompt_id=prompt_id
+            ) from first
+        try:
+            return await self._send_prompt(body)
+        except httpx.TransportError as exc:
+            self._abandoned.add(prompt_id)
+            raise ServerLostError(
+                self.name,
+                f"POST /prompt failed twice: {first!r}, then {exc!r}",
+                prompt_id=prompt_id,
+            ) from exc
+
+    async def _send_prompt(self, body: Mapping[str, Any]) -> tuple[int, Any]:
+        async with self._stream("POST", "/prompt", json_body=body) as r:
+            await r.aread()
+        return r.status_code, _json_or_text(r)
+
+    async def _knows_prompt(self, prompt_id: str) -> bool:
+        """Whether the server has the prompt: queued, running or finished."""
+        if prompt_id in await self.queued_prompt_ids():
+            return True
+        return await self.history(prompt_id) is not None
+
     async def wait(self, prompt_id: str, *, timeout: float = math.inf) -> PromptResult:
         """Wait for a submitted prompt to end and return its outputs.
 
+        ``timeout`` counts from the moment the prompt starts to run on the server (its first
+        event): time spent waiting in the server's queue, behind other prompts, is not the
+        prompt's own.
+
         Raises ``ExecutionError`` (a node failed), ``ExecutionInterruptedError``,
         ``PromptVanishedError`` (it left the queue without running), ``ServerLostError``, or
-        ``ComfyUITimeoutError`` after ``timeout`` seconds (the prompt is then removed from the
-        server: deleted if pending, interrupted if running).
+        ``ComfyUITimeoutError`` when it ran for ``timeout`` seconds (the prompt is then
+        removed from the server: deleted if pending, interrupted if running).
         """
         watch = self._watches.get(prompt_id)
         if watch is None:
             raise KeyError(f"prompt {prompt_id} is not in flight on {self.name}")
         try:
-            with trio.move_on_after(timeout):
+            await watch.running.wait()
+            with trio.move_on_at((watch.started_at or trio.current_time()) + timeout):
                 await watch.done.wait()
             if not watch.done.is_set():
                 await self._cancel_shielded(prompt_id)
                 raise ComfyUITimeoutError(
-                    f"ComfyUI {self.name}: prompt {prompt_id} did not finish in {timeout:g} s "
-                    "(it was interrupted)",
+                    f"ComfyUI {self.name}: prompt {prompt_id} ran for {timeout:g} s without "
+                    "finishing (it was interrupted)",
                     instance=self.name,
                     prompt_id=prompt_id,
                     timeout=timeout,
@@ -740,8 +830,9 @@ class ComfyClient:
         front: bool = False,
         extra_data: Mapping[str, Any] | None = None,
     ) -> PromptResult:
-        """Submit ``workflow`` and wait for its outputs (``submit`` then ``wait``); ``timeout``
-        bounds both.
+        """Submit ``workflow`` and wait for its outputs (``submit`` then ``wait``). ``timeout``
+        bounds the submission, then the prompt's run, counted from when it starts to run
+        (time in the server's queue is not counted: see ``wait``).
 
         If the caller is cancelled, the prompt is deleted from the queue or interrupted on
         the server before the cancellation goes on, so it keeps no GPU busy.
@@ -761,7 +852,7 @@ class ComfyClient:
                     prompt_id=prompt_id,
                     timeout=timeout,
                 )
-            result = await self.wait(prompt_id, timeout=max(0.0, deadline - trio.current_time()))
+            result = await self.wait(prompt_id, timeout=timeout)
             finished = True
             return result
         except ComfyAPIError:
@@ -795,9 +886,11 @@ class ComfyClient:
         """
         try:
             with _transport_errors(self.name, "POST /queue"):
-                await self.http.post("/queue", json={"delete": [prompt_id]})
+                await self.http.post("/queue", json={"delete": [prompt_id]}, extensions=_RESEND)
             with _transport_errors(self.name, "POST /interrupt"):
-                await self.http.post("/interrupt", json={"prompt_id": prompt_id})
+                await self.http.post(
+                    "/interrupt", json={"prompt_id": prompt_id}, extensions=_RESEND
+                )
         except ServerLostError as exc:
             logger.warning("%s: could not cancel prompt %s: %s", self.name, prompt_id, exc)
         watch = self._watches.get(prompt_id)
@@ -820,8 +913,13 @@ class ComfyClient:
         with _transport_errors(self.name, f"GET {path}"):
             r = await self.http.get(path, params=params or None)
         if r.status_code != 200:
-            raise ComfyAPIError(f"ComfyUI {self.name}: GET {path} answered HTTP {r.status_code}")
-        return r.json()
+            raise ServerLostError(self.name, f"GET {path} answered HTTP {r.status_code}")
+        try:
+            return r.json()
+        except ValueError as exc:  # a proxy's error page, say
+            raise ServerLostError(
+                self.name, f"GET {path} answered something that is not JSON: {r.text[:80]!r}"
+            ) from exc
 
     async def system_stats(self) -> dict[str, Any]:
         """``GET /system_stats``: versions, devices, memory."""
@@ -853,13 +951,8 @@ class ComfyClient:
 
     async def queued_prompt_ids(self) -> set[str]:
         """The ids of every prompt running or pending on the server."""
-        answer = await self.queue()
-        ids: set[str] = set()
-        for key in ("queue_running", "queue_pending"):
-            for item in answer.get(key) or ():
-                if isinstance(item, list) and len(item) > 1:
-                    ids.add(str(item[1]))
-        return ids
+        running, pending = _queue_ids(await self.queue())
+        return running | pending
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """``GET /history/{id}``: the entry of a finished prompt, or None."""
@@ -872,18 +965,20 @@ class ComfyClient:
         given)."""
         body = {"prompt_id": prompt_id} if prompt_id else {}
         with _transport_errors(self.name, "POST /interrupt"):
-            await self.http.post("/interrupt", json=body)
+            await self.http.post("/interrupt", json=body, extensions=_RESEND)
 
     async def delete_from_queue(self, prompt_ids: list[str]) -> None:
         """``POST /queue {"delete": ids}``: remove pending prompts."""
         with _transport_errors(self.name, "POST /queue"):
-            await self.http.post("/queue", json={"delete": prompt_ids})
+            await self.http.post("/queue", json={"delete": prompt_ids}, extensions=_RESEND)
 
     async def free(self, *, unload_models: bool = False, free_memory: bool = True) -> None:
         """``POST /free``: drop cached results (and models), so the next prompt runs anew."""
         with _transport_errors(self.name, "POST /free"):
             await self.http.post(
-                "/free", json={"unload_models": unload_models, "free_memory": free_memory}
+                "/free",
+                json={"unload_models": unload_models, "free_memory": free_memory},
+                extensions=_RESEND,
             )
 
     async def upload_image(
@@ -946,13 +1041,15 @@ class ComfyClient:
         finally:
             await response.aclose()
 
-    async def download(self, ref: OutputRef, dest: Path) -> Path:
+    async def download(self, ref: OutputRef, dest: Path, *, max_bytes: int | None = None) -> Path:
         """``GET /view`` an output into ``dest``, atomically (a partial file never stays).
 
         The body is kept in memory up to ``_DOWNLOAD_SPILL`` bytes, so a usual image costs one
-        worker-thread call (folder, write, rename) instead of one per step and chunk. Raises
-        ``ServerLostError`` when the server fails mid-body, ``DownloadError`` when the file
-        cannot be written (disk full, no permission), ``ComfyAPIError`` for an HTTP error.
+        worker-thread call (folder, write, rename) instead of one per step and chunk. A body
+        over ``max_bytes`` (None: no cap) is refused. Bound it in time with a cancel scope.
+        Raises ``ServerLostError`` when the server fails mid-body, ``DownloadError`` when the
+        file cannot be written (disk full, no permission) or is over the cap,
+        ``ComfyAPIError`` for an HTTP error.
         """
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
@@ -966,12 +1063,20 @@ class ComfyClient:
                             f"ComfyUI {self.name}: GET /view of {ref.subfolder}/{ref.filename} "
                             f"answered HTTP {r.status_code}"
                         )
-                    async for chunk in r.aiter_bytes():
-                        pending += chunk
-                        if len(pending) >= _DOWNLOAD_SPILL:
-                            with _write_errors(self.url, params, dest):
-                                file = await trio.to_thread.run_sync(_spill, file, tmp, pending)
-                            pending.clear()
+                    size = 0
+                    async with _chunks(r) as chunks:
+                        async for chunk in chunks:
+                            size += len(chunk)
+                            if max_bytes is not None and size > max_bytes:
+                                url = httpx.URL(f"{self.url}/view", params=params)
+                                raise DownloadError(
+                                    str(url), f"the output is over the {max_bytes}-byte cap"
+                                )
+                            pending += chunk
+                            if len(pending) >= _DOWNLOAD_SPILL:
+                                with _write_errors(self.url, params, dest):
+                                    file = await trio.to_thread.run_sync(_spill, file, tmp, pending)
+                                pending.clear()
             with _write_errors(self.url, params, dest):
                 await trio.to_thread.run_sync(_finish_download, file, tmp, dest, pending)
         except BaseException:
@@ -989,6 +1094,12 @@ def _write_errors(base_url: str, params: Mapping[str, str], dest: Path) -> Itera
     except OSError as exc:
         url = httpx.URL(f"{base_url}/view", params=dict(params))
         raise DownloadError(str(url), f"cannot write {dest}: {exc}") from exc
+
+
+def _chunks(response: httpx.Response) -> aclosing[AsyncGenerator[bytes, None]]:
+    # aiter_bytes() is an async generator: closed here when we stop early (over the cap),
+    # not finalized, unclosed, by the GC.
+    return aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes()))
 
 
 _DOWNLOAD_SPILL = 8 * 1024 * 1024
@@ -1020,6 +1131,21 @@ def _discard_download(file: BinaryIO | None, tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
     except OSError as exc:
         logger.warning("could not remove the partial download %s: %s", tmp, exc)
+
+
+def _queue_ids(answer: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """The prompt ids of a ``/queue`` answer: (running, pending)."""
+    found: list[set[str]] = []
+    for key in ("queue_running", "queue_pending"):
+        items = answer.get(key) if isinstance(answer, Mapping) else None
+        found.append(
+            {
+                str(item[1])
+                for item in (items if isinstance(items, list) else ())
+                if isinstance(item, list) and len(item) > 1
+            }
+        )
+    return found[0], found[1]
 
 
 def _opt_str(value: Any) -> str | None:

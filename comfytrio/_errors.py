@@ -17,7 +17,8 @@ The tree::
     ├── ServerLostError                .instance, .prompt_id: the server went away mid-job
     ├── PromptVanishedError            .instance, .prompt_id: deleted/cleared by someone else
     ├── WorkflowError                  .error, .node_errors, .status_code: ComfyUI rejected it
-    └── ExecutionError                 .prompt_id, .node_id, .node_type, .exception_type, ...
+    └── ExecutionError                 .prompt_id, .node_id, .node_type, .exception_type,
+        │                              .outputs (files written before it failed), ...
         └── ExecutionInterruptedError  the prompt was interrupted while it ran
 
 Errors carry data: every attribute named above is set, so callers can act on it without
@@ -28,7 +29,10 @@ the first error is raised and the others are in its ``other_errors`` list.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._types import OutputFile
 
 __all__ = [
     "ComfyAPIError",
@@ -263,7 +267,15 @@ class WorkflowError(ComfyAPIError):
 
 
 class ExecutionError(ComfyAPIError):
-    """A node raised while ComfyUI ran the prompt (the ``execution_error`` event)."""
+    """A node raised while ComfyUI ran the prompt (the ``execution_error`` event).
+
+    ``node_outputs`` is what the prompt's output nodes reported before the failure (node id
+    -> ComfyUI's ``output`` dict), and ``outputs`` the files among them as ``OutputFile``
+    values, where ``ComfyAPI`` could reach them (read in place or downloaded): what a shard
+    produced is kept, though it failed.
+    """
+
+    outputs: tuple[OutputFile, ...]
 
     def __init__(
         self,
@@ -275,8 +287,11 @@ class ExecutionError(ComfyAPIError):
         exception_type: str = "",
         exception_message: str = "",
         traceback: Sequence[str] = (),
+        node_outputs: Mapping[str, Any] | None = None,
     ) -> None:
         self.instance = instance
+        self.node_outputs = dict(node_outputs or {})
+        self.outputs = ()
         self.prompt_id = prompt_id
         self.node_id = node_id
         self.node_type = node_type

@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import trio
 
-from ._client import ComfyClient, OutputRef, connect_comfy_client, wait_server_ready
+from ._client import (
+    ComfyClient,
+    OutputRef,
+    connect_comfy_client,
+    tls_context,
+    wait_server_ready,
+)
 from ._errors import ComfyAPIError
 from ._process import LaunchSpec, RunningProcess, run_comfyui
 
@@ -72,8 +79,13 @@ class Instance:
     process: RunningProcess | None = None
     """Our process, once started."""
     state: str = "new"
-    """``new``, ``starting``, ``ready``, ``hung``, ``down``, ``failed`` (given up) or
-    ``stopped``."""
+    """``new``, ``starting`` (our process), ``connecting`` (a server we did not start, until
+    it answers), ``ready``, ``hung``, ``down``, ``failed`` (given up) or ``stopped``."""
+    last_error: ComfyAPIError | None = None
+    """Why it is not ready, when it could not be started or reached."""
+    tried: trio.Event = attrs.Factory(trio.Event)
+    """Set once its first start or connection attempt ended, well or not (a server we did
+    not start goes on trying in the background after a failed first attempt)."""
     client_options: dict[str, Any] = attrs.field(factory=dict)
     """Keyword arguments for ``connect_comfy_client`` (timeouts)."""
     ssl_context: ssl.SSLContext | None = None
@@ -85,7 +97,8 @@ class Instance:
     health_interval: float = 5.0
     """Seconds between two health probes."""
     hang_timeout: float = 60.0
-    """A server that does not answer a probe in this many seconds is hung."""
+    """A server that gave no sign of life (no probe answered, no websocket message) for this
+    many seconds is hung."""
     restarts: int = 0
     """How often our process was restarted."""
     hangs: int = 0
@@ -111,7 +124,7 @@ class Instance:
         """Start (or attach to) the server, connect the client, report ready, then watch its
         health until cancelled: a process of ours that exits is restarted with backoff, a
         server that stops answering is treated as crashed."""
-        self.state = "starting"
+        self.state = "starting" if self.owned else "connecting"
         try:
             async with trio.open_nursery() as nursery:
                 if self.launch is not None:
@@ -119,18 +132,9 @@ class Instance:
                     dirs = self.launch.dirs
                     self.input_dir, self.output_dir = dirs.input, dirs.output
                     self.temp_dir = dirs.temp / "temp"
+                    self.client = await self._connect_client(nursery)
                 else:
-                    stats = await wait_server_ready(
-                        self.url, timeout=self.ready_timeout, ssl_context=self.ssl_context
-                    )
-                    await self._find_local_dirs(stats)
-                self.client = await connect_comfy_client(
-                    nursery,
-                    self.url,
-                    name=self.name,
-                    ssl_context=self.ssl_context,
-                    **self.client_options,
-                )
+                    await self._attach(nursery)
                 try:  # asked now, so the first prompt does not wait for it
                     await self.output_node_classes()
                 except ComfyAPIError as exc:
@@ -138,14 +142,53 @@ class Instance:
                         "ComfyUI %s: /object_info failed (%s); will ask again", self.name, exc
                     )
                 self.state = "ready"
+                self.tried.set()
                 task_status.started()
                 await self._watch_health()
         finally:
+            self.tried.set()
             if self.state not in ("down", "failed"):
                 self.state = "stopped"
             if self.client is not None:
                 with trio.CancelScope(shield=True):
                     await self.client.aclose()
+
+    async def _connect_client(self, nursery: trio.Nursery) -> ComfyClient:
+        return await connect_comfy_client(
+            nursery,
+            self.url,
+            name=self.name,
+            ssl_context=self.ssl_context,
+            **self.client_options,
+        )
+
+    async def _attach(self, nursery: trio.Nursery) -> None:
+        """Connect to a server we did not start, trying until it answers (with backoff, at
+        most 30 s apart): a server that is not up yet joins when it is."""
+        backoff = 1.0
+        reported: str | None = None
+        while True:
+            try:
+                stats = await wait_server_ready(
+                    self.url, timeout=min(self.ready_timeout, 2.0), ssl_context=self.ssl_context
+                )
+                await self._find_local_dirs(stats)
+                self.client = await self._connect_client(nursery)
+                if reported is not None:
+                    logger.warning("ComfyUI %s answers now", self.name)
+                return
+            except ComfyAPIError as exc:
+                self.last_error = exc
+                self.tried.set()
+                if reported != str(exc):
+                    logger.warning(
+                        "ComfyUI %s cannot be reached yet (%s); trying again in the background",
+                        self.name,
+                        exc,
+                    )
+                reported = str(exc)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def _supervise(
         self, spec: LaunchSpec, *, task_status: trio.TaskStatus[RunningProcess]
@@ -186,39 +229,76 @@ class Instance:
             self.state = "starting"
 
     async def _watch_health(self) -> None:
-        """Probe ``/system_stats``: a server that does not answer in ``hang_timeout`` seconds
-        is hung. Ours is killed (and restarted by ``_supervise``); a remote one takes no work
-        until it answers again."""
-        assert self.client is not None
+        """Watch for signs of life: a ``/system_stats`` probe that answers, or any message
+        on its websocket (a GPU busy for minutes still sends progress). A server is hung
+        only when it gave neither for ``hang_timeout`` seconds. Ours is then killed (and
+        restarted by ``_supervise``); a remote one takes no work until it answers again.
+
+        A failed probe is tried again at once on a new connection: the usual failure is a
+        kept-alive connection that the server (or a proxy) closed as we used it, and that
+        says nothing about the server."""
+        client = self.client
+        assert client is not None
+        last_answer = trio.current_time()
         while True:
             await trio.sleep(self.health_interval)
-            answered = False
-            with trio.move_on_after(self.hang_timeout):
-                try:
-                    await self.client.system_stats()
-                    answered = True
-                except ComfyAPIError:
-                    answered = False
-            if answered:
+            # Probing stops when the server has been silent for hang_timeout, not later, so
+            # a hung server is found in hang_timeout whatever the probe interval.
+            silent_until = max(last_answer, client.last_message_at) + self.hang_timeout
+            failure = await self._probe(client, max(silent_until, trio.current_time() + 1.0))
+            now = trio.current_time()
+            if failure is None:
+                last_answer = now
                 if self.state == "hung":
                     logger.warning("ComfyUI %s answers again", self.name)
-                    await self.client.cancel_abandoned()
+                    await client.cancel_abandoned()
                     self.state = "ready"
+                continue
+            silent = now - max(last_answer, client.last_message_at)
+            if silent < self.hang_timeout:
+                logger.info(
+                    "ComfyUI %s: health probe failed (%s); last sign of life %.1f s ago",
+                    self.name,
+                    failure,
+                    silent,
+                )
                 continue
             if self.state != "ready":
                 continue
             self.hangs += 1
-            logger.error(
-                "ComfyUI %s did not answer for %g s: treating it as crashed",
-                self.name,
-                self.hang_timeout,
-            )
+            why = f"it gave no sign of life for {silent:.0f} s (last probe: {failure})"
             if self.process is not None and self.process.process.returncode is None:
+                logger.error("ComfyUI %s: %s: killing it", self.name, why)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
             else:
+                logger.error("ComfyUI %s: %s: no work goes to it until it answers", self.name, why)
                 self.state = "hung"
-                self.client.mark_lost(f"it did not answer for {self.hang_timeout:g} s")
+                client.mark_lost(why)
+
+    async def _probe(self, client: ComfyClient, deadline: float) -> str | None:
+        """``GET /system_stats`` by ``deadline``, once more on a new connection if the first
+        try failed; None when it answered, else what went wrong."""
+        failure = "no answer"
+        with trio.move_on_at(deadline):
+            try:
+                await client.system_stats()
+                return None
+            except ComfyAPIError as exc:
+                failure = str(exc)
+            try:
+                async with httpx.AsyncClient(
+                    base_url=client.url,
+                    verify=self.ssl_context or tls_context(),
+                    timeout=client.http.timeout,
+                ) as fresh:
+                    r = await fresh.get("/system_stats")
+                    if r.status_code == 200 and isinstance(r.json(), dict):
+                        return None
+                    failure = f"HTTP {r.status_code}"
+            except (httpx.HTTPError, ValueError) as exc:
+                failure = f"{failure}; then on a new connection: {exc!r}"
+        return failure
 
     async def _find_local_dirs(self, stats: dict[str, Any]) -> None:
         """For an attached server on this machine, find its folders from its command line."""

@@ -70,8 +70,9 @@ class InstanceProgress:
     name: str
     """The instance's name (``host:port``)."""
     state: str = "new"
-    """The instance's state: ``new``, ``starting``, ``ready``, ``down``, ``hung``,
-    ``failed`` or ``stopped``."""
+    """The instance's state: ``new``, ``starting`` (our process), ``connecting`` (a server
+    we did not start, until it answers), ``ready``, ``down``, ``hung``, ``failed`` or
+    ``stopped``."""
     running: str | None = None
     """The prompt running on it now, if we know."""
     node: str | None = None
@@ -218,6 +219,7 @@ def render(state: ProgressState) -> RenderableType:
         "running": "green",
         "idle": "cyan",
         "starting": "yellow",
+        "connecting": "yellow",
         "down": "red",
         "hung": "red",
         "failed": "red",
@@ -306,7 +308,7 @@ class LineDisplay:
             previous = self._states.get(view.name)
             if view.state != previous:
                 self._states[view.name] = view.state
-                if view.state in ("starting", "ready", "down", "hung", "failed"):
+                if view.state in ("starting", "connecting", "ready", "down", "hung", "failed"):
                     self._say(f"{view.name}: {view.state}")
         if state.all_ready and not self._ready_said:
             self._ready_said = True

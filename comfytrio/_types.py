@@ -131,6 +131,24 @@ class ShardFailure:
     """Its prompt id."""
     error: BaseException
     """What went wrong (a ``ComfyAPIError``)."""
+    outputs: tuple[OutputFile, ...] = ()
+    """Files its nodes wrote before it failed (the error's ``outputs``, for an
+    ``ExecutionError``): kept, not lost with the shard."""
+
+    @property
+    def node_id(self) -> str | None:
+        """The node that failed, when ComfyUI said (an ``ExecutionError``)."""
+        return getattr(self.error, "node_id", None)
+
+    @property
+    def node_type(self) -> str | None:
+        """That node's class, when ComfyUI said."""
+        return getattr(self.error, "node_type", None)
+
+    @property
+    def exception_type(self) -> str | None:
+        """The exception the node raised (``interrupted`` for an interrupted prompt)."""
+        return getattr(self.error, "exception_type", None) or None
 
 
 @attrs.frozen

@@ -304,8 +304,35 @@ async def test_unreachable_server_exits_1_with_the_error(tmp_path: Path) -> None
     done = await run_cli("run", str(MODEL_FREE), "--url", url, "--ready-timeout", "0.5", "-q")
     assert done.returncode == 1
     err = done.stderr.decode()
-    assert f"error: ComfyUI at {url} was not ready after 0.5 s" in err
+    assert "error: 0 of the 1 ComfyUI instance(s) needed were ready after 0.5 s" in err
+    assert f"ComfyUI at {url} was not ready" in err  # and why: the connection was refused
+    assert "ConnectError" in err
     assert done.stdout == b""
+
+
+async def test_an_unreachable_server_does_not_stop_a_run_on_the_others(
+    fake_comfyui: FakeComfyUI, tmp_path: Path
+) -> None:
+    fake_comfyui.add_input_image("example.png")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    done = await run_cli(
+        "run",
+        str(MODEL_FREE),
+        "--url",
+        nowhere,
+        "--url",
+        fake_comfyui.url,
+        "--download-dir",
+        str(tmp_path / "out"),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    err = done.stderr.decode()
+    assert f"{nowhere.removeprefix('http://')}: connecting" in err
+    assert "cannot be reached yet" in err
+    result = json.loads(done.stdout)
+    assert {o["instance"] for o in result["outputs"]} == {fake_comfyui.url.removeprefix("http://")}
+    assert all(Path(o["path"]).is_file() for o in result["outputs"])
 
 
 async def test_failed_job_exits_1_with_the_typed_error(
