@@ -6,6 +6,10 @@ comfyui-protocol/README.md: a shared output folder makes SaveImage counters coll
 temp folder is wiped by the next instance's start, the database is shared unless
 ``--database-url`` is set). Models and custom nodes still come from the install, plus the
 user's ``models_path`` through an ``extra_model_paths`` file.
+
+ComfyUI is started through ``_guardian.py`` with a pipe, so that it dies with this process
+however this process dies (``kill -9`` included): see that module. This works on any POSIX
+system (Linux, macOS, the BSDs); Windows is not supported by this launcher.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from ._errors import ComfyUIStartupError, ComfyUITimeoutError, PortInUseError
 __all__ = ["InstanceDirs", "LaunchSpec", "comfyui_command", "run_comfyui"]
 
 logger = logging.getLogger("comfytrio.process")
+
+_GUARDIAN = Path(__file__).resolve().with_name("_guardian.py")
+"""Run by path, never imported by the child: see ``_guarded_command``."""
 
 # The model folders ComfyUI knows (folder_paths.py); each is mapped into models_path.
 _MODEL_FOLDERS = (
@@ -174,6 +181,25 @@ def comfyui_command(spec: LaunchSpec) -> list[str]:
     return cmd
 
 
+def _guarded_command(cmd: Sequence[str], read_fd: int, grace: float) -> list[str]:
+    """``cmd`` started through the guardian, which watches ``read_fd`` (see ``_guardian``).
+
+    The guardian runs with OUR interpreter, isolated (``-I``): ``cmd``'s interpreter
+    (``spec.python``) may be another venv that has no comfytrio.
+    """
+    return [
+        sys.executable,
+        "-I",
+        str(_GUARDIAN),
+        "--fd",
+        str(read_fd),
+        "--grace",
+        str(grace),
+        "--",
+        *cmd,
+    ]
+
+
 def _model_paths_yaml(models_path: Path) -> str:
     lines = ["comfytrio:", f"  base_path: {_yaml_str(str(models_path))}", "  is_default: true"]
     lines += [f"  {folder}: {folder}/" for folder in _MODEL_FOLDERS]
@@ -263,7 +289,8 @@ class RunningProcess:
 
     @property
     def pid(self) -> int:
-        """Process id."""
+        """Process id of ComfyUI, which is also the id of the process group we signal (the
+        guardian we started execs ComfyUI in its own process)."""
         return self.process.pid
 
     def log_tail(self) -> str:
@@ -283,6 +310,10 @@ async def run_comfyui(
     Raises ``PortInUseError`` when someone already listens on the port,
     ``ComfyUIStartupError`` (with the log tail) when the process exits while starting, and
     ``ComfyUITimeoutError`` when it is not ready in ``spec.ready_timeout`` seconds.
+
+    If this process dies without running that cleanup (``kill -9``, a SIGTERM left at its
+    default action), ComfyUI dies too: the guardian's watcher sees the pipe close (see
+    ``_guardian``; any POSIX system, not Windows).
     """
     if await trio.to_thread.run_sync(_port_taken, spec.port):
         raise PortInUseError(spec.name, spec.port)
@@ -293,18 +324,30 @@ async def run_comfyui(
         env["CUDA_VISIBLE_DEVICES"] = str(spec.cuda_device)
     cmd = comfyui_command(spec)
     logger.debug("starting ComfyUI %s: %s", spec.name, " ".join(cmd))
+    # The guardian's pipe. os.pipe() makes both ends close-on-exec: the write end stays in
+    # this process only (no other child inherits it), so the kernel closes it when this
+    # process dies, however it dies; pass_fds hands the read end to the guardian alone.
+    read_fd, write_fd = os.pipe()
     try:
         process = await trio.lowlevel.open_process(
-            cmd,
+            _guarded_command(cmd, read_fd, spec.grace),
             cwd=str(spec.comfyui_path),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            pass_fds=(read_fd,),
+            # Its own session: a Ctrl-C in our terminal does not reach it, and killpg
+            # reaches ComfyUI and the guardian's watcher together.
             start_new_session=True,
         )
-    except OSError as exc:
-        raise ComfyUIStartupError(spec.name, f"cannot run {cmd[0]}: {exc}") from exc
+    except BaseException as exc:
+        os.close(write_fd)
+        if isinstance(exc, OSError):
+            raise ComfyUIStartupError(spec.name, f"cannot run {cmd[0]}: {exc}") from exc
+        raise
+    finally:
+        os.close(read_fd)  # only the guardian's watcher must hold it
     spawned_at = trio.current_time()
     pump = _LogPump(spec)
     try:
@@ -332,8 +375,13 @@ async def run_comfyui(
             nursery.cancel_scope.cancel()
             return code
     finally:
-        with trio.CancelScope(shield=True):
-            await _terminate(process, spec.grace, spec.name)
+        try:
+            with trio.CancelScope(shield=True):
+                await _terminate(process, spec.grace, spec.name)
+        finally:
+            # ComfyUI has exited: end-of-file tells the watcher the instance is over, and it
+            # kills what is left of the process group (ComfyUI's own children), then itself.
+            os.close(write_fd)
 
 
 async def _wait_ready(spec: LaunchSpec, process: trio.Process) -> dict[str, Any] | None:
