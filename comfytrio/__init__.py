@@ -30,6 +30,7 @@ from ._errors import PluginError as PluginError
 from ._errors import PortInUseError as PortInUseError
 from ._errors import PromptVanishedError as PromptVanishedError
 from ._errors import ServerLostError as ServerLostError
+from ._errors import ServerProtocolError as ServerProtocolError
 from ._errors import UnknownParamTypeError as UnknownParamTypeError
 from ._errors import UnsafeNameError as UnsafeNameError
 from ._errors import WorkflowError as WorkflowError

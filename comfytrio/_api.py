@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import uuid
@@ -23,9 +22,11 @@ from ._errors import (
     ComfyUITimeoutError,
     ExecutionError,
     ServerLostError,
+    ServerProtocolError,
     UnsafeNameError,
     single_error,
 )
+from ._files import output_path
 from ._gpu import detect_gpus
 from ._instance import Instance
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
@@ -568,12 +569,24 @@ class ComfyAPI:
     ) -> list[OutputFile]:
         """The shard's outputs as files here: read in place on a local instance, else
         downloaded, all of the shard's files at once (at most ``_DOWNLOADS_PER_SHARD``)."""
-        paths: list[Path | None] = [instance.local_path(ref) for ref in result.files]
-        missing = [i for i, path in enumerate(paths) if path is None]
+        folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
+        try:
+            paths: list[Path | None] = [instance.local_path(ref) for ref in result.files]
+            dests = {
+                i: output_path(folder, ref.subfolder, ref.filename)
+                for i, ref in enumerate(result.files)
+                if paths[i] is None
+            }
+        except UnsafeNameError as exc:  # the server's names, not the caller's
+            raise ServerProtocolError(
+                instance.name,
+                f"an output name {exc.name!r} would leave its folder",
+                prompt_id=result.prompt_id,
+            ) from exc
+        missing = list(dests)
         if missing:
             client = instance.client
             assert client is not None
-            folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
             limit = trio.Semaphore(_DOWNLOADS_PER_SHARD)
 
             def fetching(index: int) -> Callable[[], Awaitable[None]]:
@@ -581,9 +594,8 @@ class ComfyAPI:
 
                 async def fetch() -> None:
                     async with limit:
-                        dest = _inside(folder, ref.subfolder, ref.filename)
                         paths[index] = await client.download(
-                            ref, dest, max_bytes=self.max_output_bytes
+                            ref, dests[index], max_bytes=self.max_output_bytes
                         )
 
                 return fetch
@@ -610,12 +622,3 @@ class ComfyAPI:
         done and failed; per job its shards and when it was queued, started and finished;
         the number of shards waiting in the queue."""
         return self._scheduler.statistics(self.instances)
-
-
-def _inside(folder: Path, subfolder: str, filename: str) -> Path:
-    """``folder/subfolder/filename``, or ``UnsafeNameError`` when a server's names would
-    leave ``folder`` (a pure path check: no file system call)."""
-    dest = Path(os.path.normpath(folder / subfolder / filename))
-    if dest == folder or not dest.is_relative_to(folder):
-        raise UnsafeNameError(f"{subfolder}/{filename}", str(folder))
-    return dest

@@ -23,22 +23,22 @@ Protocol facts this module is built on (recorded from a real ComfyUI 0.3.64, see
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import ssl
 import urllib.request
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
 import trio
 
+from . import _firewall as firewall
 from ._errors import (
     ComfyAPIError,
     ComfyUITimeoutError,
@@ -47,6 +47,7 @@ from ._errors import (
     ExecutionInterruptedError,
     PromptVanishedError,
     ServerLostError,
+    ServerProtocolError,
     WorkflowError,
     single_error,
 )
@@ -81,6 +82,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("comfytrio.client")
+
+T = TypeVar("T")
 
 _RESEND = {IDEMPOTENT: True}
 """Marks a POST that may be sent twice (deletes, interrupts): ComfyTransport then resends it
@@ -176,6 +179,8 @@ class ClientStatistics:
     """How often the websocket was re-established."""
     events_dropped: int
     """Events not delivered to a subscriber whose buffer was full."""
+    malformed: int = 0
+    """Messages and answers the server sent that ComfyUI never sends."""
 
 
 @attrs.define(eq=False)
@@ -187,8 +192,8 @@ class _Watch:
     done: trio.Event = attrs.Factory(trio.Event)
     outputs: dict[str, dict[str, Any]] = attrs.Factory(dict)
     cached: tuple[str, ...] = ()
-    error: dict[str, Any] | None = None
-    interrupted: dict[str, Any] | None = None
+    error: firewall.ErrorReport | None = None
+    interrupted: firewall.ErrorReport | None = None
     started_at: float | None = None  # when it was first seen running (its clock starts)
     running: trio.Event = attrs.Factory(trio.Event)  # set once it runs, or once it ended
     seen: bool = False  # the server sent an event for it: it knows the prompt
@@ -250,10 +255,11 @@ async def wait_server_ready(
                 try:
                     r = await client.get(url.rstrip("/") + "/system_stats")
                     if r.status_code == 200:
-                        stats: dict[str, Any] = r.json()
-                        return stats
+                        return firewall.system_stats(firewall.loads(r.content, "/system_stats"))
                     last = f"HTTP {r.status_code}"
-                except (httpx.TransportError, ValueError) as exc:
+                except firewall.Malformed as exc:  # not ComfyUI (yet): a proxy's page, say
+                    last = str(exc)
+                except httpx.TransportError as exc:
                     last = repr(exc)
                 await trio.sleep(interval)
                 interval = min(interval * 1.5, 1.0)
@@ -310,6 +316,7 @@ class ComfyClient:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _ws: WebSocket | None = attrs.field(default=None, init=False)
     _last_message_at: float = attrs.field(default=-math.inf, init=False)
+    _malformed_count: int = attrs.field(default=0, init=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -422,6 +429,7 @@ class ComfyClient:
             in_flight=sum(1 for w in self._watches.values() if w.accepted),
             reconnects=self._reconnects,
             events_dropped=self._dropped,
+            malformed=self._malformed_count,
         )
 
     # ------------------------------------------------------------------ events
@@ -466,30 +474,48 @@ class ComfyClient:
 
     async def _read(self, ws: WebSocket) -> None:
         while True:
-            message = await ws.receive_text()  # binary previews are skipped there
+            text = await ws.receive_text()  # binary previews are skipped there
             self._last_message_at = trio.current_time()
+            prompt_id: str | None = None
             try:
-                msg = json.loads(message)
-                kind = msg["type"]
-                data = msg.get("data") or {}
-            except (ValueError, KeyError, TypeError):
-                logger.debug("%s: ignoring malformed message %.200r", self.name, message)
-                continue
-            self._handle(kind, data)
+                kind, data = firewall.message(text)
+                raw_id = data.get("prompt_id")
+                prompt_id = raw_id if isinstance(raw_id, str) else None
+                self._handle(kind, data)
+            except firewall.Malformed as exc:
+                self._malformed(str(exc), prompt_id)
+            except Exception as exc:  # a bug of ours must not let one server end the api
+                logger.exception("%s: could not handle a message %.200r", self.name, text)
+                self._malformed(f"a message we could not handle ({exc!r})", prompt_id)
+
+    def _malformed(self, detail: str, prompt_id: str | None) -> None:
+        """A message ComfyUI never sends: counted, logged, and the end of its prompt (which
+        then runs elsewhere, and is removed from this server)."""
+        self._malformed_count += 1
+        watch = self._watches.get(prompt_id) if prompt_id is not None else None
+        if watch is None:
+            logger.warning("%s: ignoring a malformed message: %s", self.name, detail)
+            return
+        logger.warning("%s: prompt %s: malformed message: %s", self.name, prompt_id, detail)
+        if watch.accepted and not watch.done.is_set():
+            self._abandoned.add(watch.prompt_id)
+            if self._nursery is not None:
+                self._nursery.start_soon(self.cancel_abandoned)
+        self._settle(
+            watch, ServerProtocolError(self.name, detail, prompt_id=watch.prompt_id), "error"
+        )
 
     def _handle(self, kind: str, data: dict[str, Any]) -> None:
+        """Act on one checked message; ``firewall.Malformed`` for what ComfyUI never sends."""
         if kind == "status":
-            try:
-                self._queue_remaining = int(data["status"]["exec_info"]["queue_remaining"])
-            except (KeyError, TypeError, ValueError):
-                return
+            self._queue_remaining = firewall.queue_remaining(data)
             if self._subscribers:
                 self._publish(QueueStatus(self.name, self._queue_remaining))
             return
         prompt_id = data.get("prompt_id")
         watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
         if watch is None or prompt_id is None:
-            return
+            return  # another client's prompt, or a message of no prompt
         watch.last_activity = trio.current_time()
         watch.seen = True
         if watch.started_at is None:  # any event of a prompt means it runs
@@ -499,36 +525,33 @@ class ComfyClient:
             node = data.get("node")
             if node is None:
                 self._finish_from_events(watch)
-            elif subscribed:
-                self._publish(NodeStarted(self.name, prompt_id, str(node)))
+            else:
+                node = firewall.node_id(node)
+                if subscribed:
+                    self._publish(NodeStarted(self.name, prompt_id, node))
         elif kind == "progress":
+            node = firewall.node_id(data.get("node"))
+            value = firewall.number(data.get("value", 0), "progress value")
+            top = firewall.number(data.get("max", 0), "progress max")
             if subscribed:
-                self._publish(
-                    NodeProgress(
-                        self.name,
-                        prompt_id,
-                        str(data.get("node")),
-                        int(data.get("value", 0)),
-                        int(data.get("max", 0)),
-                    )
-                )
+                self._publish(NodeProgress(self.name, prompt_id, node, int(value), int(top)))
         elif kind == "executed":
-            node_id = str(data.get("node"))
-            output = data.get("output") or {}
-            watch.outputs[node_id] = output
+            node = firewall.node_id(data.get("node"))
+            output = firewall.output(data.get("output") or {}, node)
+            watch.outputs[node] = output
             if subscribed:
-                self._publish(NodeOutput(self.name, prompt_id, node_id, output))
+                self._publish(NodeOutput(self.name, prompt_id, node, output))
         elif kind == "execution_start":
             if subscribed:
                 self._publish(PromptStarted(self.name, prompt_id))
         elif kind == "execution_cached":
-            watch.cached = tuple(str(n) for n in data.get("nodes") or ())
+            watch.cached = firewall.cached_nodes(data.get("nodes"))
             if subscribed:
                 self._publish(NodesCached(self.name, prompt_id, watch.cached))
         elif kind == "execution_error":
-            watch.error = data
+            watch.error = firewall.error_report(data)
         elif kind == "execution_interrupted":
-            watch.interrupted = data
+            watch.interrupted = firewall.error_report(data)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -559,9 +582,9 @@ class ComfyClient:
     def _settle_from(
         self,
         watch: _Watch,
-        error: Mapping[str, Any] | None,
-        interrupted: Mapping[str, Any] | None,
-        outputs: Mapping[str, Any],
+        error: firewall.ErrorReport | None,
+        interrupted: firewall.ErrorReport | None,
+        outputs: dict[str, dict[str, Any]],
         cached: tuple[str, ...],
     ) -> None:
         if error is not None:
@@ -570,11 +593,11 @@ class ComfyClient:
                 ExecutionError(
                     instance=self.name,
                     prompt_id=watch.prompt_id,
-                    node_id=_opt_str(error.get("node_id")),
-                    node_type=_opt_str(error.get("node_type")),
-                    exception_type=str(error.get("exception_type", "")),
-                    exception_message=str(error.get("exception_message", "")),
-                    traceback=[str(t) for t in error.get("traceback") or ()],
+                    node_id=error.node_id,
+                    node_type=error.node_type,
+                    exception_type=error.exception_type,
+                    exception_message=error.exception_message,
+                    traceback=error.traceback,
                     node_outputs=outputs,
                 ),
                 "error",
@@ -585,35 +608,24 @@ class ComfyClient:
                 ExecutionInterruptedError(
                     instance=self.name,
                     prompt_id=watch.prompt_id,
-                    node_id=_opt_str(interrupted.get("node_id")),
-                    node_type=_opt_str(interrupted.get("node_type")),
+                    node_id=interrupted.node_id,
+                    node_type=interrupted.node_type,
                     exception_type="interrupted",
                     node_outputs=outputs,
                 ),
                 "interrupted",
             )
         else:
-            result = PromptResult(self.name, watch.prompt_id, dict(outputs), cached)
+            result = PromptResult(self.name, watch.prompt_id, outputs, cached)
             self._settle(watch, result, "success")
 
-    def _settle_from_history(self, watch: _Watch, entry: Mapping[str, Any]) -> None:
-        status = entry.get("status") or {}
-        messages = status.get("messages") or []
-        error = interrupted = None
-        cached: tuple[str, ...] = ()
-        for item in messages:
-            if not (isinstance(item, list | tuple) and len(item) == 2):
-                continue
-            name, data = item
-            if name == "execution_error":
-                error = data
-            elif name == "execution_interrupted":
-                interrupted = data
-            elif name == "execution_cached":
-                cached = tuple(str(n) for n in data.get("nodes") or ())
-        if error is None and interrupted is None and status.get("status_str") == "error":
-            error = {"exception_message": "ComfyUI reported an error without details"}
-        self._settle_from(watch, error, interrupted, entry.get("outputs") or {}, cached)
+    def _settle_from_history(self, watch: _Watch, entry: dict[str, Any]) -> None:
+        try:
+            error, interrupted, outputs, cached = firewall.history_entry(entry)
+        except firewall.Malformed as exc:
+            self._malformed(f"/history: {exc}", watch.prompt_id)
+            return
+        self._settle_from(watch, error, interrupted, outputs, cached)
 
     def mark_lost(self, why: str) -> None:
         """Fail every prompt in flight with ``ServerLostError`` (e.g. our process exited)."""
@@ -651,7 +663,7 @@ class ComfyClient:
         if not watches:
             return
         try:
-            running, pending = _queue_ids(await self.queue())
+            running, pending = firewall.queue_ids(await self.queue())
             for watch in watches:
                 if watch.done.is_set():
                     continue
@@ -668,7 +680,7 @@ class ComfyClient:
                 else:
                     logger.warning("%s: prompt %s vanished", self.name, watch.prompt_id)
                     self._settle(watch, PromptVanishedError(self.name, watch.prompt_id), "vanished")
-        except ServerLostError as exc:
+        except (ServerLostError, ServerProtocolError) as exc:
             logger.warning("%s: cannot reconcile yet: %s", self.name, exc)
 
     # ------------------------------------------------------------------ prompts
@@ -706,9 +718,13 @@ class ComfyClient:
             body["extra_data"] = dict(extra_data)
         try:
             status, answer = await self._post_prompt(watch, body)
-            if status != 200 or not isinstance(answer, dict):
-                raise _workflow_error(answer, status, self.name, prompt_id)
-            node_errors = answer.get("node_errors") or {}
+            if status != 200:
+                raise _refused(answer, status, self.name, prompt_id)
+            try:
+                number, node_errors = firewall.prompt_answer(answer)
+            except firewall.Malformed as exc:
+                self._abandoned.add(prompt_id)  # it may be queued there: removed in time
+                raise ServerProtocolError(self.name, str(exc), prompt_id=prompt_id) from None
             if node_errors and not allow_partial:
                 await self._cancel_shielded(prompt_id)
                 raise WorkflowError(
@@ -726,8 +742,8 @@ class ComfyClient:
             raise
         watch.accepted = True
         watch.last_activity = trio.current_time()
-        logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id, answer.get("number"))
-        return SubmittedPrompt(prompt_id, float(answer.get("number", 0)), node_errors)
+        logger.debug("%s: queued prompt %s (number %s)", self.name, prompt_id, number)
+        return SubmittedPrompt(prompt_id, number, node_errors)
 
     async def _post_prompt(self, watch: _Watch, body: Mapping[str, Any]) -> tuple[int, Any]:
         """``POST /prompt``: its status and answer. A POST that failed after it may have
@@ -909,27 +925,27 @@ class ComfyClient:
 
     # ------------------------------------------------------------------ plain HTTP calls
 
-    async def _get_json(self, path: str, **params: Any) -> Any:
+    async def _get_json(self, path: str, check: Callable[[Any], T]) -> T:
+        """``GET path``, its JSON answer passed through ``check`` (a firewall function).
+        ``ServerLostError`` for an HTTP error (a proxy's 502, say), ``ServerProtocolError``
+        for an answer ComfyUI never gives."""
         with _transport_errors(self.name, f"GET {path}"):
-            r = await self.http.get(path, params=params or None)
+            r = await self.http.get(path)
         if r.status_code != 200:
             raise ServerLostError(self.name, f"GET {path} answered HTTP {r.status_code}")
         try:
-            return r.json()
-        except ValueError as exc:  # a proxy's error page, say
-            raise ServerLostError(
-                self.name, f"GET {path} answered something that is not JSON: {r.text[:80]!r}"
-            ) from exc
+            return check(firewall.loads(r.content, f"the answer of GET {path}"))
+        except firewall.Malformed as exc:
+            self._malformed_count += 1
+            raise ServerProtocolError(self.name, str(exc)) from None
 
     async def system_stats(self) -> dict[str, Any]:
         """``GET /system_stats``: versions, devices, memory."""
-        stats: dict[str, Any] = await self._get_json("/system_stats")
-        return stats
+        return await self._get_json("/system_stats", firewall.system_stats)
 
     async def object_info(self) -> dict[str, Any]:
         """``GET /object_info``: every node class the server knows, with its inputs."""
-        info: dict[str, Any] = await self._get_json("/object_info")
-        return info
+        return await self._get_json("/object_info", firewall.object_info)
 
     async def list_models(self, folder: str) -> list[str]:
         """``GET /models/{folder}``: the model files the server sees (empty for an unknown
@@ -939,26 +955,26 @@ class ComfyClient:
         if r.status_code == 404:
             return []
         if r.status_code != 200:
-            raise ComfyAPIError(
-                f"ComfyUI {self.name}: GET /models/{folder} answered HTTP {r.status_code}"
-            )
-        return [str(name) for name in r.json()]
+            raise ServerLostError(self.name, f"GET /models/{folder} answered HTTP {r.status_code}")
+        try:
+            return firewall.model_names(firewall.loads(r.content, f"GET /models/{folder}"))
+        except firewall.Malformed as exc:
+            self._malformed_count += 1
+            raise ServerProtocolError(self.name, str(exc)) from None
 
     async def queue(self) -> dict[str, Any]:
         """``GET /queue``: ``queue_running`` and ``queue_pending``."""
-        answer: dict[str, Any] = await self._get_json("/queue")
-        return answer
+        return await self._get_json("/queue", firewall.queue_answer)
 
     async def queued_prompt_ids(self) -> set[str]:
         """The ids of every prompt running or pending on the server."""
-        running, pending = _queue_ids(await self.queue())
+        running, pending = firewall.queue_ids(await self.queue())
         return running | pending
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """``GET /history/{id}``: the entry of a finished prompt, or None."""
-        answer = await self._get_json(f"/history/{prompt_id}")
-        entry = answer.get(prompt_id) if isinstance(answer, dict) else None
-        return entry if isinstance(entry, dict) else None
+        answer = await self._get_json(f"/history/{prompt_id}", firewall.history_answer)
+        return answer.get(prompt_id)
 
     async def interrupt(self, prompt_id: str | None = None) -> None:
         """``POST /interrupt``: stop the running prompt (only if it is ``prompt_id``, when
@@ -1006,9 +1022,11 @@ class ComfyClient:
             raise ComfyAPIError(
                 f"ComfyUI {self.name}: upload of {filename!r} refused (HTTP {r.status_code})"
             )
-        answer = r.json()
-        name = str(answer["name"])
-        sub = str(answer.get("subfolder") or "")
+        try:
+            name, sub = firewall.upload_answer(firewall.loads(r.content, "POST /upload/image"))
+        except firewall.Malformed as exc:
+            self._malformed_count += 1
+            raise ServerProtocolError(self.name, str(exc)) from None
         return f"{sub}/{name}" if sub else name
 
     @asynccontextmanager
@@ -1133,42 +1151,36 @@ def _discard_download(file: BinaryIO | None, tmp: Path) -> None:
         logger.warning("could not remove the partial download %s: %s", tmp, exc)
 
 
-def _queue_ids(answer: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """The prompt ids of a ``/queue`` answer: (running, pending)."""
-    found: list[set[str]] = []
-    for key in ("queue_running", "queue_pending"):
-        items = answer.get(key) if isinstance(answer, Mapping) else None
-        found.append(
-            {
-                str(item[1])
-                for item in (items if isinstance(items, list) else ())
-                if isinstance(item, list) and len(item) > 1
-            }
-        )
-    return found[0], found[1]
-
-
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
 def _json_or_text(r: httpx.Response) -> Any:
     try:
-        return r.json()
-    except ValueError:
+        return firewall.loads(r.content, "the answer")
+    except firewall.Malformed:
         return r.text
 
 
-def _workflow_error(answer: Any, status: int, instance: str, prompt_id: str) -> WorkflowError:
+def _refused(
+    answer: Any, status: int, instance: str, prompt_id: str
+) -> WorkflowError | ServerLostError:
+    """The error for a ``POST /prompt`` that was not accepted: ComfyUI's own refusal
+    (``WorkflowError``), or a gateway's error page (``ServerLostError``: try elsewhere)."""
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        node_errors = answer.get("node_errors")
         return WorkflowError(
             answer["error"],
-            answer.get("node_errors") or {},
+            node_errors if isinstance(node_errors, dict) else {},
             status_code=status,
             instance=instance,
             prompt_id=prompt_id,
         )
     text = str(answer).strip()[:500] if answer else ""
+    if status >= 500:
+        return ServerLostError(
+            instance, f"POST /prompt answered HTTP {status}: {text[:120]}", prompt_id=prompt_id
+        )
     return WorkflowError(
         {"type": "http_error", "message": f"HTTP {status}", "details": text},
         {},
@@ -1201,11 +1213,16 @@ async def connect_comfy_client(
     base = url.rstrip("/")
     direct: ComfyTransport | None = None
     if http is None:
-        transport = ComfyTransport(ssl_context=ssl_context or tls_context(), max_idle=16)
-        http = httpx.AsyncClient(
-            base_url=base, timeout=httpx.Timeout(60.0, connect=10.0), transport=transport
-        )
-        if not urllib.request.getproxies():  # else httpx routes some requests to a proxy
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        if urllib.request.getproxies():
+            # httpx reads HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY only when it makes
+            # its own transports: then it routes each request as its environment says.
+            http = httpx.AsyncClient(
+                base_url=base, timeout=timeout, verify=ssl_context or tls_context()
+            )
+        else:
+            transport = ComfyTransport(ssl_context=ssl_context or tls_context(), max_idle=16)
+            http = httpx.AsyncClient(base_url=base, timeout=timeout, transport=transport)
             direct = transport
     client = ComfyClient(
         url=base,

@@ -15,6 +15,8 @@ The tree::
     │   └── PortInUseError             .port: someone else already listens there
     ├── ComfyUITimeoutError            .instance, .prompt_id, .timeout
     ├── ServerLostError                .instance, .prompt_id: the server went away mid-job
+    ├── ServerProtocolError            .instance, .prompt_id, .detail: it sent what ComfyUI never
+    │                                  sends (a malformed message or answer)
     ├── PromptVanishedError            .instance, .prompt_id: deleted/cleared by someone else
     ├── WorkflowError                  .error, .node_errors, .status_code: ComfyUI rejected it
     └── ExecutionError                 .prompt_id, .node_id, .node_type, .exception_type,
@@ -49,6 +51,7 @@ __all__ = [
     "PortInUseError",
     "PromptVanishedError",
     "ServerLostError",
+    "ServerProtocolError",
     "UnknownParamTypeError",
     "UnsafeNameError",
     "WorkflowError",
@@ -195,6 +198,20 @@ class ServerLostError(ComfyAPIError):
         super().__init__(f"ComfyUI {instance}: {message}")
 
 
+class ServerProtocolError(ComfyAPIError):
+    """A server sent a message or an answer that ComfyUI never sends (a wrong type, shape or
+    range, not JSON, a reverse proxy's error page): ``detail`` says what was wrong. It costs
+    only the prompt it belonged to (``prompt_id``, None for a message of no prompt), which
+    runs again on another server."""
+
+    def __init__(self, instance: str, detail: str, *, prompt_id: str | None = None) -> None:
+        self.instance = instance
+        self.detail = detail
+        self.prompt_id = prompt_id
+        where = f"prompt {prompt_id}: " if prompt_id else ""
+        super().__init__(f"ComfyUI {instance} sent something malformed: {where}{detail}")
+
+
 class PromptVanishedError(ComfyAPIError):
     """A prompt left the server's queue without ever running or finishing.
 
@@ -216,9 +233,11 @@ def _describe_node_errors(node_errors: Mapping[str, Any]) -> list[str]:
     for node_id, entry in node_errors.items():
         class_type = entry.get("class_type", "?") if isinstance(entry, Mapping) else "?"
         errors = entry.get("errors", []) if isinstance(entry, Mapping) else []
-        for err in errors:
+        for err in errors if isinstance(errors, list) else ():
+            if not isinstance(err, Mapping):
+                continue
             extra = err.get("extra_info", {}) or {}
-            input_name = extra.get("input_name")
+            input_name = extra.get("input_name") if isinstance(extra, Mapping) else None
             where = f"node {node_id} ({class_type})"
             if input_name:
                 where += f", input {input_name!r}"

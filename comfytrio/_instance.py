@@ -18,6 +18,7 @@ import attrs
 import httpx
 import trio
 
+from . import _firewall as firewall
 from ._client import (
     ComfyClient,
     OutputRef,
@@ -26,6 +27,7 @@ from ._client import (
     wait_server_ready,
 )
 from ._errors import ComfyAPIError
+from ._files import output_path
 from ._process import LaunchSpec, RunningProcess, run_comfyui
 
 __all__ = ["Instance"]
@@ -109,6 +111,11 @@ class Instance:
     def healthy(self) -> bool:
         """Ready, and its websocket is up: it may take work."""
         return self.state == "ready" and self.client is not None and self.client.connected
+
+    @property
+    def malformed(self) -> int:
+        """Messages and answers of this server that ComfyUI never sends."""
+        return self.client.statistics().malformed if self.client is not None else 0
 
     @property
     def owned(self) -> bool:
@@ -293,10 +300,11 @@ class Instance:
                     timeout=client.http.timeout,
                 ) as fresh:
                     r = await fresh.get("/system_stats")
-                    if r.status_code == 200 and isinstance(r.json(), dict):
-                        return None
-                    failure = f"HTTP {r.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:
+                    if r.status_code != 200:
+                        return f"{failure}; then on a new connection: HTTP {r.status_code}"
+                    firewall.system_stats(firewall.loads(r.content, "/system_stats"))
+                    return None
+            except (httpx.HTTPError, firewall.Malformed) as exc:
                 failure = f"{failure}; then on a new connection: {exc!r}"
         return failure
 
@@ -356,7 +364,9 @@ class Instance:
         return self._output_classes
 
     def local_path(self, ref: OutputRef) -> Path | None:
-        """Where an output file is on this machine, if the server's folders are here."""
+        """Where an output file is on this machine, if the server's folders are here.
+
+        Raises ``UnsafeNameError`` when the server's names would leave its folder."""
         if ref.type == "output" and self.output_dir is not None:
             root = self.output_dir
         elif ref.type == "temp" and self.temp_dir is not None:
@@ -365,4 +375,4 @@ class Instance:
             root = self.input_dir
         else:
             return None
-        return root / ref.subfolder / ref.filename if ref.subfolder else root / ref.filename
+        return output_path(root, ref.subfolder, ref.filename)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._errors import ComfyAPIError, PromptVanishedError, ServerLostError
+from ._errors import ComfyAPIError, PromptVanishedError, ServerLostError, ServerProtocolError
 
 __all__ = [
     "ApiStatistics",
@@ -93,6 +93,9 @@ class InstanceStatistics:
     """How often we restarted its process."""
     hangs: int
     """How often it was found not answering."""
+    malformed: int = 0
+    """Messages and answers it sent that ComfyUI never sends (each ignored, or the end of
+    the prompt it belonged to)."""
 
 
 @attrs.frozen
@@ -476,6 +479,16 @@ class Scheduler:
                     task.outcome, task.failed = await self._runner(instance, task), False
                 except ComfyAPIError as exc:
                     task.outcome, task.failed = exc, True
+                except Exception as exc:  # a bug: it ends this shard, never the api
+                    logger.exception(
+                        "job %s: shard %d on %s: unexpected error",
+                        task.job_id,
+                        task.index,
+                        instance.name,
+                    )
+                    error = ComfyAPIError(f"shard {task.index} on {instance.name}: {exc!r}")
+                    error.__cause__ = exc
+                    task.outcome, task.failed = error, True
             if scope.cancelled_caught:
                 task.failed = True
         finally:
@@ -508,7 +521,9 @@ class Scheduler:
             task.failed
             and not task.cancelled
             and not self._closed
-            and isinstance(task.outcome, (ServerLostError, PromptVanishedError))
+            and isinstance(
+                task.outcome, (ServerLostError, PromptVanishedError, ServerProtocolError)
+            )
             and task.attempts < self.max_attempts
         )
 
@@ -574,6 +589,7 @@ class Scheduler:
                     c.retried,
                     getattr(instance, "restarts", 0),
                     getattr(instance, "hangs", 0),
+                    getattr(instance, "malformed", 0),
                 )
             )
         jobs = tuple(j.statistics() for j in self._jobs.values()) + tuple(self._finished)

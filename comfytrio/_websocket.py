@@ -131,6 +131,8 @@ class WebSocket:
             if available < 2:
                 break
             first, second = buffer[pos], buffer[pos + 1]
+            if first & 0x70:  # no extension was agreed, so no RSV bit may be set
+                raise self._fail(1002, "a frame with reserved bits set")
             length = second & 0x7F
             header = 2
             if length == 126:
@@ -158,6 +160,10 @@ class WebSocket:
             if mask:
                 payload = _unmask(payload, mask)
             if opcode >= _CLOSE:
+                # RFC 6455 5.5: control frames are short and never fragmented; answering a
+                # longer ping would need a frame we cannot (and must not) send.
+                if length > 125 or not first & 0x80 or opcode > _PONG:
+                    raise self._fail(1002, f"a bad control frame (opcode {opcode}, {length} bytes)")
                 return opcode, payload
             final = bool(first & 0x80)
             if opcode == _CONTINUATION:

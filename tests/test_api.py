@@ -33,6 +33,7 @@ from comfytrio import (
     PortInUseError,
     RemoteComfyUI,
 )
+from comfytrio._files import output_path
 from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install
 
 WORKFLOWS = Path(__file__).parent / "workflows"
@@ -471,16 +472,26 @@ async def test_identical_shards_on_one_server_get_their_own_files(
 
 @pytest.mark.parametrize(
     ("subfolder", "filename"),
-    [("", "../x.png"), ("a/../..", "x.png"), ("/etc", "passwd"), ("", ""), ("..", "")],
+    [
+        ("", "../x.png"),
+        ("a/../..", "x.png"),
+        ("/etc", "passwd"),
+        ("", ""),
+        ("..", ""),
+        ("sub/a/..", "x.png"),
+        ("..\\..", "x.png"),
+        ("", "x\x00.png"),
+        ("C:", "x.png"),
+    ],
 )
-def test_a_servers_output_name_never_leaves_the_download_folder(
+def test_a_servers_output_name_never_leaves_its_folder(
     tmp_path: Path, subfolder: str, filename: str
 ) -> None:
     with pytest.raises(comfytrio.UnsafeNameError):
-        comfytrio._api._inside(tmp_path / "job", subfolder, filename)
-    assert comfytrio._api._inside(tmp_path / "job", "sub/a/..", "x.png") == (
-        tmp_path / "job" / "sub" / "x.png"
-    )
+        output_path(tmp_path / "job", subfolder, filename)
+    assert output_path(tmp_path / "job", "sub", "x.png") == tmp_path / "job" / "sub" / "x.png"
+    # A Windows server reports its sub-folders with backslashes.
+    assert output_path(tmp_path, "sub\\deep", "x.png") == tmp_path / "sub" / "deep" / "x.png"
 
 
 def test_a_remote_servers_tls_context_reaches_its_instance(tmp_path: Path) -> None:

@@ -316,6 +316,35 @@ async def test_a_client_we_make_uses_its_transport_directly_unless_a_proxy_is_se
         assert comfy.direct is None  # httpx decides where each request goes
 
 
+async def test_requests_go_through_the_proxy_of_the_environment(
+    fake: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bytes] = []
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        seen.append(head.split(b"\r\n", 1)[0])
+        body = b'{"system": {"comfyui_version": "via proxy"}}'
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, proxy, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with open_comfy_client(fake.url) as comfy:  # the websocket goes straight there
+            stats = await comfy.system_stats()
+        nursery.cancel_scope.cancel()
+    assert stats["system"]["comfyui_version"] == "via proxy"
+    assert seen == [f"GET {fake.url}/system_stats HTTP/1.1".encode()]
+
+
 async def test_models_and_system_stats(fake: FakeComfyUI, client: ComfyClient) -> None:
     (Path(fake.models_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
     (Path(fake.models_dir) / "checkpoints" / "sd.safetensors").write_bytes(b"x")
