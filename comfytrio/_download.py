@@ -2,7 +2,14 @@
 
 A ``Downloader`` lives as long as the plugin manager that owns it (so as long as the
 ``ComfyAPI``): its in-flight table is what lets 50 jobs that need the same LoRA at the same
-moment share one request. Nothing here is a module global.
+moment share one request, and its digest cache what lets them hash the file once. Nothing
+here is a module global.
+
+Trust rules (``docs/plugins.md``): every redirect is followed by hand and checked (http(s)
+only, never from https to http, at most ``MAX_REDIRECTS``); a file is taken only when it is
+a regular file, and a given ``sha256`` is checked on every file taken, whether fetched now,
+fetched by a concurrent call or already there; a ``check_body`` sees the first bytes of a
+body (a LoRA must not be an HTML page).
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ import hashlib
 import logging
 import os
 import re
-import uuid
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
-from pathlib import Path, PurePosixPath
-from typing import cast
+import secrets
+import stat
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import TypeAlias, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -23,10 +33,15 @@ import httpx
 import trio
 
 from ._errors import DownloadError, UnsafeNameError
+from ._files import CONTROL_CHARACTERS, MAX_NAME_BYTES, fits, safe_join
 
 __all__ = [
     "DEFAULT_DOWNLOAD_TIMEOUT",
     "DEFAULT_MAX_DOWNLOAD_BYTES",
+    "MAX_NAME_BYTES",
+    "MAX_REDIRECTS",
+    "SNIFF_BYTES",
+    "BodyCheck",
     "Downloader",
     "check_download_url",
     "check_sha256",
@@ -43,7 +58,19 @@ DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
 server that trickles a byte at a time (each one resetting httpx's read timeout) cannot hold a
 job for longer than this."""
 
+MAX_REDIRECTS = 10
+"""The most redirects one download follows (each one checked)."""
+
+SNIFF_BYTES = 4096
+"""How many of a body's first bytes a ``check_body`` is shown (fewer for a shorter body)."""
+
+BodyCheck: TypeAlias = Callable[[bytes, int], "str | None"]
+"""``check_body(head, size)``: why a body (its first ``SNIFF_BYTES`` bytes and its total
+size) is not what the caller wants, or None when it is fine. Pure and quick: it runs in the
+event loop."""
+
 _CHUNK = 1 << 16
+_HASH_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -51,11 +78,18 @@ def check_download_url(url: str) -> None:
     """Refuse anything but an absolute ``http://`` or ``https://`` URL.
 
     Raises ``DownloadError`` (with ``url`` and ``reason``) for ``file://``, ``ftp://``, a
-    relative URL, or a URL without a host. Does no I/O.
+    relative URL, a URL without a host, a malformed one (``http://[::1``, a port that is no
+    number) or one holding a control character. Does no I/O.
     """
     if not isinstance(url, str):
         raise DownloadError(repr(url), "the URL must be a string")
-    parts = urlsplit(url)
+    if CONTROL_CHARACTERS.search(url):
+        raise DownloadError(repr(url), "the URL holds a control character (NUL, newline...)")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise DownloadError(url, f"the URL is malformed: {exc}") from exc
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         shown = f"{scheme}://" if scheme else "no scheme"
@@ -70,24 +104,13 @@ def check_sha256(url: str, sha256: str | None) -> None:
         raise DownloadError(url, f"the expected sha256 {sha256!r} is not 64 hex digits")
 
 
-def safe_join(folder: Path, name: str) -> Path:
-    """``folder / name``, refusing any ``name`` that could land outside ``folder``.
-
-    ``name`` may hold sub-folders separated by ``/``. Refused with ``UnsafeNameError``: an
-    empty name, an absolute path, a ``..`` or ``.`` or empty component, a backslash, a
-    drive letter, a NUL or other control character. The check is on the name alone (no I/O).
-    """
-    if not isinstance(name, str) or not name:
-        raise UnsafeNameError(str(name), str(folder))
-    if "\\" in name or any(ord(c) < 32 for c in name) or re.match(r"^[A-Za-z]:", name):
-        raise UnsafeNameError(name, str(folder))
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or name.startswith("/"):
-        raise UnsafeNameError(name, str(folder))
-    parts = name.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise UnsafeNameError(name, str(folder))
-    return folder.joinpath(*parts)
+def _check_dest(url: str, dest: Path) -> None:
+    # For callers that built ``dest`` without ``safe_join``: the OS would raise ValueError
+    # (NUL) or ENAMETOOLONG, not an error that names the culprit.
+    if "\x00" in os.fspath(dest.parent):
+        raise DownloadError(url, f"the destination folder {str(dest.parent)!r} holds a NUL")
+    if not dest.name or CONTROL_CHARACTERS.search(dest.name) or not fits(dest.name):
+        raise UnsafeNameError(dest.name, str(dest.parent))
 
 
 @attrs.define(eq=False)
@@ -95,6 +118,7 @@ class _Flight:
     """One download in progress, shared by everyone who waits for the same file."""
 
     url: str
+    sha256: str | None
     done: trio.Event = attrs.field(factory=trio.Event)
     error: DownloadError | None = None
     downloaded: bool | None = None
@@ -102,9 +126,10 @@ class _Flight:
 
 
 class Downloader:
-    """Downloads files for plugins: http(s) only, a size cap, an overall deadline, a temp
-    file renamed into place, an optional sha256, and at most one request at a time per
-    destination.
+    """Downloads files for plugins: http(s) only, redirects checked, a size cap, an overall
+    deadline, a temp file renamed into place, an optional sha256 (checked on every file
+    taken, and hashed once per file and content), an optional check of the body, and at
+    most one request at a time per destination.
 
     ``max_bytes`` is the default cap of one download (``DEFAULT_MAX_DOWNLOAD_BYTES``) and
     ``timeout`` its default deadline in seconds, from the request to the last byte
@@ -126,6 +151,9 @@ class Downloader:
         self.timeout = timeout
         """The default deadline of one download, in seconds."""
         self._in_flight: dict[str, _Flight] = {}
+        self._digests: dict[str, tuple[int, int, str]] = {}
+        """path -> (size, mtime_ns, sha256) of the files hashed or written: a file is hashed
+        again only when its size or modification time changed."""
 
     def _deadline(self, timeout: float | None) -> float:
         if timeout is None:
@@ -142,43 +170,72 @@ class Downloader:
         sha256: str | None = None,
         max_bytes: int | None = None,
         timeout: float | None = None,
+        check_body: BodyCheck | None = None,
     ) -> bool:
         """Download ``url`` to ``dest`` unless ``dest`` already exists.
 
         Returns True when this call (or a concurrent call it waited for) fetched the file,
-        False when it was already there (an existing file is trusted: it is not hashed).
+        False when it was already there. Whichever way the file came, it is checked before it
+        is taken: it must be a regular file (a directory or a FIFO there is an error), match
+        ``sha256`` when one is given (hashed once per file and content: the digest is kept
+        by path, size and modification time), and pass ``check_body`` when one is given.
+
         Concurrent calls for the same ``dest`` make one request; if it fails, each of them
-        raises. The bytes go to a temp file in ``dest``'s folder and are renamed into place
-        only once complete and verified, so no partial file is ever left, even on
+        with the same URL and sha256 raises (one with another URL or sha256 tries its own).
+        Redirects are followed by hand, at most ``MAX_REDIRECTS``, each one checked: to
+        http(s) only, never from https to http. The bytes go to a temp file in ``dest``'s
+        folder (a short hidden name, so a ``dest`` name of 255 bytes works) and are renamed
+        into place only once complete and verified, so no partial file is ever left, even on
         cancellation. ``max_bytes`` and ``timeout`` (seconds for the whole transfer) default
         to the downloader's; the call that makes the request sets them for every waiter.
 
-        Raises ``DownloadError`` (``url``, ``reason``): a scheme other than http(s), an HTTP
-        status other than 200, a body over the cap, a transfer past its deadline, a sha256
-        mismatch, a connection error or a body cut short, or a local write error.
+        Raises ``DownloadError`` (``url``, ``reason``): a scheme other than http(s), a
+        refused redirect, an HTTP status other than 200, a body over the cap, a transfer past
+        its deadline, a sha256 mismatch (of the body, or of the file already there), a body
+        ``check_body`` refuses, a directory or other non-regular file at ``dest``, a
+        connection error or a body cut short, or a local write error. ``UnsafeNameError``: a
+        ``dest`` name with a control character or over ``MAX_NAME_BYTES`` bytes.
         """
         check_download_url(url)
         check_sha256(url, sha256)
+        dest = Path(dest)
+        _check_dest(url, dest)
+        expected = None if sha256 is None else sha256.lower()
         cap = self.max_bytes if max_bytes is None else max_bytes
         deadline = self._deadline(timeout)
         key = os.fspath(dest)  # callers pass paths built one way (models_path/loras/name)
+        fetched = False
         while (flight := self._in_flight.get(key)) is not None:
             await flight.done.wait()
             if flight.error is not None:
-                raise DownloadError(flight.error.url, flight.error.reason) from flight.error
+                if (flight.url, flight.sha256) == (url, expected):
+                    raise DownloadError(flight.error.url, flight.error.reason) from flight.error
+                continue  # another URL or digest failed: try ours
             if flight.downloaded is not None:
-                return flight.downloaded
-            # The task that was downloading was cancelled: look again, maybe take over.
+                if expected is None and check_body is None:
+                    return flight.downloaded
+                # Our own checks are on the file: take our turn to make them (a cache hit
+                # when the digest is the one just written).
+                fetched = fetched or flight.downloaded
+            # Else the task that was downloading was cancelled: look again, maybe take over.
         # Claimed before the first checkpoint, so a concurrent caller always finds it.
-        flight = self._in_flight[key] = _Flight(url)
+        flight = self._in_flight[key] = _Flight(url, expected)
         try:
-            if await trio.Path(dest).exists():
+            present = await _stat_dest(url, dest)
+            if present is not None:
+                await self._check_present(url, dest, present, expected, check_body)
                 flight.downloaded = False
-                return False
+                return fetched
             progress = _Progress()
             with trio.move_on_after(deadline) as scope:
                 await self._download_to(
-                    http, url, dest, sha256=sha256, max_bytes=cap, progress=progress
+                    http,
+                    url,
+                    dest,
+                    sha256=expected,
+                    max_bytes=cap,
+                    progress=progress,
+                    check_body=check_body,
                 )
             if scope.cancelled_caught:
                 raise _late(url, deadline, progress.received)
@@ -191,6 +248,53 @@ class Downloader:
             del self._in_flight[key]
             flight.done.set()
 
+    async def _check_present(
+        self,
+        url: str,
+        dest: Path,
+        present: os.stat_result,
+        sha256: str | None,
+        check_body: BodyCheck | None,
+    ) -> None:
+        """Check a file already at ``dest`` as a fetched one is checked."""
+        again = "delete it to download it again"
+        if check_body is not None:
+            head = await _read_head(url, dest)
+            reason = check_body(head, present.st_size)
+            if reason is not None:
+                raise DownloadError(
+                    url, f"the file already at {dest} is refused: {reason} ({again})"
+                )
+        if sha256 is not None:
+            digest = await self._digest(url, dest, present)
+            if digest != sha256:
+                raise DownloadError(
+                    url,
+                    f"sha256 mismatch: the file already at {dest} has {digest}, "
+                    f"expected {sha256} ({again})",
+                )
+
+    async def _digest(self, url: str, dest: Path, present: os.stat_result) -> str:
+        """The sha256 of the file at ``dest``, from the cache while its size and modification
+        time are those of ``present``; else hashed in a thread (cancellable)."""
+        key = os.fspath(dest)
+        cached = self._digests.get(key)
+        if cached is not None and cached[:2] == (present.st_size, present.st_mtime_ns):
+            return cached[2]
+        stop = threading.Event()
+        try:
+            digest, before, after = await trio.to_thread.run_sync(
+                partial(_hash_file, key, stop), abandon_on_cancel=True
+            )
+        except OSError as exc:
+            raise DownloadError(url, f"cannot read {dest}: {exc}") from exc
+        finally:
+            stop.set()  # an abandoned thread stops at its next chunk
+        if before == after:  # not changed while it was read
+            self._digests[key] = (*before, digest)
+        logger.debug("hashed %s: %s", dest, digest)
+        return digest
+
     async def _download_to(
         self,
         http: httpx.AsyncClient,
@@ -200,6 +304,7 @@ class Downloader:
         sha256: str | None,
         max_bytes: int,
         progress: _Progress,
+        check_body: BodyCheck | None,
     ) -> None:
         folder = trio.Path(dest.parent)
         try:
@@ -207,13 +312,15 @@ class Downloader:
         except OSError as exc:
             raise DownloadError(url, f"cannot create {dest.parent}: {exc}") from exc
         # Same folder as dest, so the final rename is atomic; a dot name keeps ComfyUI's
-        # model lists from showing it while it grows.
-        tmp = trio.Path(dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.part")
+        # model lists from showing it while it grows. Short and without dest's name, so a
+        # name of 255 bytes (the file systems' limit) still gets a temp file.
+        tmp = trio.Path(dest.parent / f".part-{secrets.token_hex(8)}")
         digest = hashlib.sha256()
+        head = bytearray()
         size = 0
         logger.info("downloading %s -> %s", url, dest)
         try:
-            async with http.stream("GET", url) as response:
+            async with _get(http, url) as response:
                 progress.response = response
                 if response.status_code != 200:
                     raise DownloadError(url, f"HTTP {response.status_code}")
@@ -226,15 +333,31 @@ class Downloader:
                         size += len(chunk)
                         if size > max_bytes:
                             raise DownloadError(url, f"the body is over the {max_bytes}-byte cap")
+                        if len(head) < SNIFF_BYTES:
+                            head += chunk[: SNIFF_BYTES - len(head)]
                         digest.update(chunk)
                         await fh.write(chunk)
                     await fh.flush()
                     await trio.to_thread.run_sync(os.fsync, fh.fileno())
-            if sha256 is not None and digest.hexdigest() != sha256.lower():
+                    written = await trio.to_thread.run_sync(os.fstat, fh.fileno())
+                if check_body is not None:
+                    reason = check_body(bytes(head), size)
+                    if reason is not None:
+                        kind = response.headers.get("content-type")
+                        raise DownloadError(
+                            url, reason + (f" (Content-Type {kind})" if kind else "")
+                        )
+            if sha256 is not None and digest.hexdigest() != sha256:
                 raise DownloadError(
-                    url, f"sha256 mismatch: expected {sha256.lower()}, got {digest.hexdigest()}"
+                    url, f"sha256 mismatch: expected {sha256}, got {digest.hexdigest()}"
                 )
             await tmp.replace(dest)
+            # The rename keeps size and mtime: 50 jobs that check this digest hash nothing.
+            self._digests[os.fspath(dest)] = (
+                written.st_size,
+                written.st_mtime_ns,
+                digest.hexdigest(),
+            )
             logger.info("downloaded %s (%d bytes) -> %s", url, size, dest)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DownloadError(url, _describe(exc)) from exc
@@ -253,7 +376,8 @@ class Downloader:
         timeout: float | None = None,
     ) -> bytes:
         """Download ``url`` into memory (an input image, say), at most ``max_bytes`` bytes
-        within ``timeout`` seconds (both default to the downloader's).
+        within ``timeout`` seconds (both default to the downloader's). Redirects are checked
+        as ``download`` checks them.
 
         Raises ``DownloadError`` as ``download`` does.
         """
@@ -264,7 +388,7 @@ class Downloader:
         progress = _Progress()
         try:
             with trio.move_on_after(deadline) as scope:
-                async with http.stream("GET", url) as response:
+                async with _get(http, url) as response:
                     progress.response = response
                     if response.status_code != 200:
                         raise DownloadError(url, f"HTTP {response.status_code}")
@@ -280,6 +404,105 @@ class Downloader:
             raise _late(url, deadline, progress.received)
         logger.debug("fetched %s (%d bytes)", url, len(body))
         return bytes(body)
+
+
+@asynccontextmanager
+async def _get(http: httpx.AsyncClient, url: str) -> AsyncIterator[httpx.Response]:
+    """``GET url`` as a stream, following redirects by hand whatever the client's
+    ``follow_redirects`` says: at most ``MAX_REDIRECTS``, each hop checked
+    (``_check_redirect``). Yields the first answer that is no redirect."""
+    request = http.build_request("GET", url)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = await http.send(request, stream=True, follow_redirects=False)
+        try:
+            following = response.next_request  # set by httpx for a redirect it did not follow
+            if following is None:
+                yield response
+                return
+            _check_redirect(url, request.url, following.url, response.status_code)
+            logger.debug("%s: redirected from %s to %s", url, request.url, following.url)
+        finally:
+            await response.aclose()
+        request = following
+    raise DownloadError(url, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _check_redirect(url: str, source: httpx.URL, target: httpx.URL, status: int) -> None:
+    """Refuse a redirect to anything but http(s), and any from https to http (a
+    man-in-the-middle could then serve what it likes)."""
+    hop = f"HTTP {status} from {source} to {target}"
+    if target.scheme not in ("http", "https"):
+        raise DownloadError(url, f"refused a redirect to a {target.scheme}:// URL ({hop})")
+    if source.scheme == "https" and target.scheme == "http":
+        raise DownloadError(url, f"refused an https->http redirect ({hop})")
+
+
+async def _stat_dest(url: str, dest: Path) -> os.stat_result | None:
+    """``dest``'s stat (symlinks followed), None when there is nothing there; a directory or
+    another non-regular file there is a ``DownloadError`` naming it."""
+    try:
+        present = await trio.Path(dest).stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DownloadError(url, f"cannot check {dest}: {exc}") from exc
+    if stat.S_ISDIR(present.st_mode):
+        raise DownloadError(url, f"{dest} is a directory, not a file")
+    if not stat.S_ISREG(present.st_mode):
+        raise DownloadError(url, f"{dest} is not a regular file (a FIFO, a socket, a device...)")
+    return present
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+"""Opening a FIFO without a writer does not block with O_NONBLOCK (then fstat refuses it)."""
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading without blocking; refuse (OSError) what is no regular file."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise OSError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
+
+
+def _read_head_sync(path: str) -> bytes:
+    fd, _ = _open_regular(path)
+    try:
+        return os.read(fd, SNIFF_BYTES)
+    finally:
+        os.close(fd)
+
+
+async def _read_head(url: str, dest: Path) -> bytes:
+    try:
+        return await trio.to_thread.run_sync(
+            _read_head_sync, os.fspath(dest), abandon_on_cancel=True
+        )
+    except OSError as exc:
+        raise DownloadError(url, f"cannot read {dest}: {exc}") from exc
+
+
+def _hash_file(path: str, stop: threading.Event) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """(sha256, (size, mtime_ns) before, after) of a regular file; stops early (the result
+    then unused) once ``stop`` is set."""
+    fd, before = _open_regular(path)
+    try:
+        digest = hashlib.sha256()
+        while not stop.is_set() and (chunk := os.read(fd, _HASH_CHUNK)):
+            digest.update(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (
+        digest.hexdigest(),
+        (before.st_size, before.st_mtime_ns),
+        (after.st_size, after.st_mtime_ns),
+    )
 
 
 @attrs.define

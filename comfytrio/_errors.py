@@ -336,6 +336,19 @@ class ExecutionInterruptedError(ExecutionError):
         )
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: cut to ``limit`` characters, and never raising
+    (``repr`` of an int over 4300 digits raises ``ValueError``; a caller's ``__repr__`` may
+    raise anything)."""
+    try:
+        text = repr(value)
+    except Exception:
+        if isinstance(value, int):
+            return f"<an int of {value.bit_length()} bits>"
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     """Every exception inside a (nested) exception group, in order."""
     leaves: list[BaseException] = []

@@ -24,6 +24,7 @@ from ._errors import (
     ParamError,
     PluginError,
     UnknownParamTypeError,
+    shown,
 )
 from ._plugins import Plugins
 from ._types import LoRARef, ModelRef
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_SEED",
     "JobPlan",
     "ShardPlan",
+    "check_workflow",
     "job_seed_for",
     "plan_job",
     "plan_validated",
@@ -140,8 +142,12 @@ def validate_params(
     Raises ``ParamError`` naming the param: not a dict, no ``type`` or ``node_mappings``, an
     unknown key, ``gpu_scale`` on a type that cannot split, a value its type refuses;
     ``UnknownParamTypeError`` listing the known types; ``NodeTitleNotFoundError`` listing the
-    workflow's titles.
+    workflow's titles; ``ParamError`` (param ``"workflow"``) for a workflow that is not a
+    dict of nodes (``check_workflow``); ``PluginError`` for a plugin's ``validate`` or
+    ``default_params`` that fails with anything but a ``ComfyAPIError``. Whatever the
+    input, nothing else is raised.
     """
+    check_workflow(workflow)
     if not isinstance(params, Mapping):
         raise ParamError("params", f"must be a dict of dicts, got {type(params).__name__}")
     types = plugins.param_types()
@@ -160,11 +166,39 @@ def validate_params(
     return checked
 
 
+def check_workflow(workflow: object) -> None:
+    """Refuse, with a ``ParamError`` for param ``"workflow"``, what is no API-format
+    workflow: not a dict, a node id that is neither a string nor an int (or two that JSON
+    would merge, ``1`` and ``"1"``), a node that is not a dict. Pure; the JSON check of the
+    values is ``workflow_snapshot``'s."""
+    if not isinstance(workflow, Mapping):
+        raise ParamError(
+            "workflow",
+            f"must be a dict of nodes (ComfyUI's API format), got {type(workflow).__name__}",
+        )
+    seen: dict[str, object] = {}
+    for node_id, node in workflow.items():
+        if isinstance(node_id, bool) or not isinstance(node_id, str | int):
+            raise ParamError("workflow", f"node id {shown(node_id)} must be a string")
+        named = str(node_id)
+        if named in seen:
+            raise ParamError(
+                "workflow", f"node ids {shown(seen[named])} and {shown(node_id)} are one in JSON"
+            )
+        seen[named] = node_id
+        if not isinstance(node, Mapping):
+            raise ParamError(
+                "workflow",
+                f"node {named!r} must be a dict with 'class_type' and 'inputs', "
+                f"got {type(node).__name__}",
+            )
+
+
 def _parse(
     name: object, entry: object, workflow: Mapping[str, Any], types: Mapping[str, ParamType]
 ) -> Param:
     if not isinstance(name, str):
-        raise ParamError(repr(name), "param names must be strings")
+        raise ParamError(shown(name), "param names must be strings")
     if not isinstance(entry, Mapping):
         raise ParamError(
             name,
@@ -199,7 +233,7 @@ def _parse(
         node_ids.extend(str(node_id) for node_id in found)  # as JSON will name them
     gpu_scale = entry.get("gpu_scale", False)
     if not isinstance(gpu_scale, bool):
-        raise ParamError(name, f"'gpu_scale' must be true or false, got {gpu_scale!r}")
+        raise ParamError(name, f"'gpu_scale' must be true or false, got {shown(gpu_scale)}")
     if gpu_scale and not param_type.scalable:
         raise ParamError(name, f"a {type_name!r} param cannot be split with 'gpu_scale'")
     param = Param(
@@ -211,7 +245,14 @@ def _parse(
         gpu_scale=gpu_scale,
         options={k: v for k, v in entry.items() if k not in _RESERVED_KEYS},
     )
-    param_type.validate(param)
+    try:
+        param_type.validate(param)
+    except ComfyAPIError:
+        raise
+    except Exception as exc:  # a plugin's bug must not look like a crash of the api
+        raise PluginError(
+            f"param type {param_type.name!r} failed to validate param {name!r}: {exc!r}"
+        ) from exc
     return param
 
 
@@ -354,19 +395,42 @@ async def plan_validated(
 
 def workflow_snapshot(workflow: Mapping[str, Any]) -> str:
     """The workflow as compact JSON text, what its shards are built from; ``ParamError``
-    (param ``"workflow"``) naming the node that is not JSON."""
+    (param ``"workflow"``) for what is no workflow (``check_workflow``), or naming the node
+    that is not JSON as it is sent: NaN and infinities, lone surrogates (UTF-8 cannot carry
+    them), ints of over 4300 digits, cycles and nesting too deep are refused here, not when
+    a server takes a shard."""
+    check_workflow(workflow)
     try:
         # Interned: the jobs that share one workflow (only their params differ) share its text.
-        return sys.intern(json.dumps(workflow, separators=(",", ":")))
-    except (TypeError, ValueError) as exc:
+        return sys.intern(_to_json(workflow))
+    except _NOT_JSON as exc:
         for node_id, node in workflow.items():
             try:
-                json.dumps(node)
-            except (TypeError, ValueError):
+                _to_json(node)
+            except _NOT_JSON:
                 title = title_of(node) if isinstance(node, Mapping) else None
-                where = f"node {node_id!r}" + (f" ({title!r})" if title else "")
-                raise ParamError("workflow", f"{where} is not JSON: {exc}") from exc
-        raise ParamError("workflow", f"is not JSON: {exc}") from exc
+                where = f"node {str(node_id)!r}" + (f" ({title!r})" if title else "")
+                raise ParamError("workflow", f"{where} is not JSON: {_describe(exc)}") from exc
+        raise ParamError("workflow", f"is not JSON: {_describe(exc)}") from exc
+
+
+_NOT_JSON = (TypeError, ValueError, RecursionError)
+"""What ``json.dumps`` raises for what JSON cannot hold (``UnicodeEncodeError`` is a
+``ValueError``)."""
+
+
+def _to_json(value: object) -> str:
+    """``value`` as the strict JSON httpx sends (no NaN, valid UTF-8)."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    text.encode("utf-8")  # lone surrogates: what httpx's own encode would choke on
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @contextlib.contextmanager

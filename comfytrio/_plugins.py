@@ -18,7 +18,7 @@ import pluggy
 
 from . import hookspecs
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
-from ._errors import PluginError
+from ._errors import ComfyAPIError, PluginError
 from .hookspecs import AssetResolver, ParamType
 
 __all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "Plugins", "make_plugin_manager"]
@@ -208,13 +208,28 @@ class Plugins:
         self, workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, Mapping[str, Any]]:
         """The params plugins add to a job (``default_params`` hook), minus the names the
-        caller already uses. The first plugin to give a name wins."""
+        caller already uses. The first plugin to give a name wins.
+
+        Raises ``PluginError`` when a hook fails with anything but a ``ComfyAPIError`` or
+        returns something other than a dict (or None): whatever the caller's input, a
+        plugin's bug is reported as one."""
         extra: dict[str, Mapping[str, Any]] = {}
-        results: list[Mapping[str, Mapping[str, Any]] | None] = self.manager.hook.default_params(
-            workflow=workflow, params=params
-        )
+        try:
+            results: list[object] = self.manager.hook.default_params(
+                workflow=workflow, params=params
+            )
+        except ComfyAPIError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"a default_params hook failed: {exc!r}") from exc
         for result in results:
-            for name, entry in (result or {}).items():
+            if result is None:
+                continue
+            if not isinstance(result, Mapping):
+                raise PluginError(
+                    f"a default_params hook returned a {type(result).__name__}, not a dict"
+                )
+            for name, entry in result.items():
                 if name not in params and name not in extra:
                     extra[name] = entry
         return extra

@@ -33,8 +33,8 @@ import httpx
 import pluggy
 import trio
 
-from ._download import Downloader, check_download_url, check_sha256, safe_join
-from ._errors import ComfyAPIError, ParamError
+from ._download import BodyCheck, Downloader, check_download_url, check_sha256, safe_join
+from ._errors import ComfyAPIError, ParamError, shown
 from ._scheduler import distribute
 from ._types import LoRARef, ModelRef
 
@@ -42,6 +42,7 @@ __all__ = [
     "AssetResolver",
     "BaseAssetResolver",
     "BaseParamType",
+    "BodyCheck",
     "Downloader",
     "InstanceTarget",
     "JobContext",
@@ -57,6 +58,7 @@ __all__ = [
     "register_param_types",
     "run_concurrently",
     "safe_join",
+    "shown",
 ]
 
 hookspec = pluggy.HookspecMarker("comfytrio")
@@ -167,12 +169,20 @@ class JobContext:
         sha256: str | None = None,
         max_bytes: int | None = None,
         timeout: float | None = None,
+        check_body: BodyCheck | None = None,
     ) -> bool:
         """``Downloader.download`` with the job's client: fetch ``url`` into ``dest`` unless
         present, within ``timeout`` seconds (None: the downloader's); True when fetched.
-        Raises ``DownloadError``."""
+        Whether fetched or present, the file must be a regular file, match ``sha256`` (when
+        given) and pass ``check_body`` (when given). Raises ``DownloadError``."""
         return await self.downloader.download(
-            self.http, url, dest, sha256=sha256, max_bytes=max_bytes, timeout=timeout
+            self.http,
+            url,
+            dest,
+            sha256=sha256,
+            max_bytes=max_bytes,
+            timeout=timeout,
+            check_body=check_body,
         )
 
     async def fetch(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 from test_gpu import FakeNVML
-from test_plugins_support import Route, png, start_http_server
+from test_plugins_support import Route, png, safetensors_bytes, start_http_server
 
 import comfytrio
 from comfytrio import (
@@ -223,7 +223,7 @@ async def test_spec_quickstart_txt2img_and_img2img(install: Path, tmp_path: Path
         web = await start_http_server(
             nursery,
             {
-                "/detail_enhancer.safetensors": Route(body=b"lora weights"),
+                "/detail_enhancer.safetensors": Route(body=safetensors_bytes()),
                 "/photo.png": Route(body=png("green", (64, 64)), content_type="image/png"),
             },
         )
@@ -273,7 +273,7 @@ async def test_spec_quickstart_txt2img_and_img2img(install: Path, tmp_path: Path
                 )
                 assert per_instance == [1, 1, 2]  # distribute(4, 3)
         assert web.count("/detail_enhancer.safetensors") == 1  # downloaded once
-        assert (models / "loras" / "detail_enhancer.safetensors").read_bytes() == b"lora weights"
+        assert (models / "loras" / "detail_enhancer.safetensors").read_bytes() == safetensors_bytes()
         nursery.cancel_scope.cancel()
 
 

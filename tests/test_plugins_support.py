@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,21 @@ def png(color: str = "red", size: tuple[int, int] = (4, 4)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, color).save(out, format="PNG")
     return out.getvalue()
+
+
+def safetensors_bytes(values: int = 1024, *, header_size: int | None = None) -> bytes:
+    """A small file in the safetensors layout, as the ``safetensors`` library writes (and
+    reads) it: an 8-byte little-endian header size, a JSON header padded with spaces (to a
+    multiple of 8, or to ``header_size``), then the bytes of one F32 tensor of ``values``
+    zeros."""
+    tensor = {"dtype": "F32", "shape": [values], "data_offsets": [0, 4 * values]}
+    header = json.dumps(
+        {"__metadata__": {"format": "pt"}, "lora_unet.weight": tensor}, separators=(",", ":")
+    ).encode()
+    padded = len(header) + (-len(header) % 8) if header_size is None else header_size
+    assert padded >= len(header), f"a header of {len(header)} bytes does not fit {padded}"
+    header = header.ljust(padded, b" ")
+    return len(header).to_bytes(8, "little") + header + bytes(4 * values)
 
 
 # --------------------------------------------------------------------------- HTTP server
@@ -75,6 +91,8 @@ class Route:
     """Send the body chunked, with no Content-Length."""
     handler: Callable[[Request], Awaitable[Route]] | None = None
     """Compute the answer from the request instead."""
+    headers: dict[str, str] = attrs.field(factory=dict)
+    """More response headers (``Location`` for a redirect)."""
 
 
 @attrs.define(eq=False)
@@ -84,21 +102,22 @@ class HttpServer:
     port: int = 0
     routes: dict[str, Route] = attrs.field(factory=dict)
     requests: list[Request] = attrs.field(factory=list)
+    scheme: str = "http"
 
     def url(self, path: str) -> str:
         """The URL of ``path`` on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def count(self, path: str) -> int:
         """How many requests asked for ``path``."""
         return sum(1 for r in self.requests if r.path == path)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         # The client may go away mid-answer (it refused a body, or was cancelled).
         with contextlib.suppress(trio.BrokenResourceError):
             await self._serve_requests(stream)
 
-    async def _serve_requests(self, stream: trio.SocketStream) -> None:
+    async def _serve_requests(self, stream: trio.abc.Stream) -> None:
         buffer = b""
         async with stream:
             while True:
@@ -131,8 +150,9 @@ class HttpServer:
                 if not await self._answer(stream, route):
                     return
 
-    async def _answer(self, stream: trio.SocketStream, route: Route) -> bool:
+    async def _answer(self, stream: trio.abc.Stream, route: Route) -> bool:
         status = f"HTTP/1.1 {route.status} X\r\nContent-Type: {route.content_type}\r\n"
+        status += "".join(f"{name}: {value}\r\n" for name, value in route.headers.items())
         if route.chunked:
             await stream.send_all(f"{status}Transfer-Encoding: chunked\r\n\r\n".encode())
             for start in range(0, len(route.body), 1000):
@@ -149,14 +169,31 @@ class HttpServer:
 
 
 async def start_http_server(
-    nursery: trio.Nursery, routes: Mapping[str, Route] | None = None
+    nursery: trio.Nursery,
+    routes: Mapping[str, Route] | None = None,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> HttpServer:
-    """Start an ``HttpServer`` on 127.0.0.1 (a free port) in ``nursery``."""
-    server = HttpServer(routes=dict(routes or {}))
+    """Start an ``HttpServer`` on 127.0.0.1 (a free port) in ``nursery``; with ``tls`` (a
+    server context: the ``tls`` fixture's first one), it serves https."""
+    server = HttpServer(routes=dict(routes or {}), scheme="http" if tls is None else "https")
+    if tls is None:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, server._serve_connection, 0, host="127.0.0.1")
+        )
+        server.port = listeners[0].socket.getsockname()[1]
+        return server
     listeners = await nursery.start(
-        partial(trio.serve_tcp, server._serve_connection, 0, host="127.0.0.1")
+        partial(
+            trio.serve_ssl_over_tcp,
+            server._serve_connection,
+            0,
+            tls,
+            host="127.0.0.1",
+            https_compatible=True,
+        )
     )
-    server.port = listeners[0].socket.getsockname()[1]
+    server.port = listeners[0].transport_listener.socket.getsockname()[1]
     return server
 
 
@@ -298,3 +335,25 @@ async def test_the_server_can_cut_a_body_short(nursery: trio.Nursery) -> None:
     async with local_client() as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get(server.url("/cut"))
+
+
+async def test_the_server_sends_extra_headers_and_can_serve_https(
+    nursery: trio.Nursery, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    routes = {"/r": Route(status=302, headers={"Location": "/a"}), "/a": Route(b"here")}
+    server = await start_http_server(nursery, routes, tls=tls[0])
+    assert server.url("/r").startswith("https://127.0.0.1:")
+    async with httpx.AsyncClient(verify=tls[1]) as http:
+        answer = await http.get(server.url("/r"))
+        assert (answer.status_code, answer.headers["location"]) == (302, "/a")
+        assert (await http.get(server.url("/r"), follow_redirects=True)).content == b"here"
+
+
+def test_safetensors_bytes_have_the_safetensors_layout() -> None:
+    body = safetensors_bytes(10)
+    size = int.from_bytes(body[:8], "little")
+    assert size % 8 == 0
+    header = json.loads(body[8 : 8 + size])
+    assert header["lora_unet.weight"]["data_offsets"] == [0, 40]
+    assert len(body) == 8 + size + 40
+    assert safetensors_bytes(10, header_size=0x13C)[:2] == b"\x3c\x01"  # '<' first

@@ -19,6 +19,7 @@ from test_plugins_support import (
     load_workflow,
     local_client,
     plan,
+    safetensors_bytes,
     start_http_server,
     std_plugins,
 )
@@ -34,7 +35,7 @@ from comfytrio import (
     UnsafeNameError,
 )
 
-WEIGHTS = b"safetensors" * 2000
+WEIGHTS = safetensors_bytes(5000)
 CHECKPOINT = ModelRef("checkpoints", "juggernaut_xl.safetensors")
 
 
@@ -300,7 +301,7 @@ async def test_a_remote_server_must_already_list_the_lora(nursery: trio.Nursery)
 async def test_rgthree_loaders_get_lora_1_to_n_as_the_seed_library_did(models_path: Path) -> None:
     (models_path / "loras").mkdir()
     for name in ("a.safetensors", "b.safetensors"):
-        (models_path / "loras" / name).write_bytes(b"x")
+        (models_path / "loras" / name).write_bytes(WEIGHTS)
     loras = [
         LoRARef("a.safetensors", "http://127.0.0.1:9/a", strength=0.5),
         LoRARef("b.safetensors", "http://127.0.0.1:9/b", strength=0.9, strength_clip=0.3),
@@ -326,7 +327,7 @@ def loras_present(models_path: Path, *names: str) -> list[LoRARef]:
     (models_path / "loras").mkdir(exist_ok=True)
     refs = []
     for name in names:
-        (models_path / "loras" / name).write_bytes(b"x")
+        (models_path / "loras" / name).write_bytes(WEIGHTS)
         refs.append(LoRARef(name, f"http://127.0.0.1:9/{name}"))
     return refs
 

@@ -18,7 +18,14 @@ from comfytrio import hookimpl
 from comfytrio.hookspecs import AssetResolver, ParamType
 
 from ._image import DEFAULT_MAX_IMAGE_BYTES, ImageType, image_extension
-from ._loras import LoraDownloads, LoraLoaders, assign_loras
+from ._loras import (
+    MIN_LORA_BYTES,
+    LoraDownloads,
+    LoraLoaders,
+    assign_loras,
+    lora_body_check,
+    lora_body_problem,
+)
 from ._models import ModelCheck
 from ._params import (
     DEFAULT_SEED_TITLE,
@@ -33,6 +40,7 @@ from ._params import (
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_SEED_TITLE",
+    "MIN_LORA_BYTES",
     "BooleanType",
     "FloatType",
     "ImageType",
@@ -45,6 +53,8 @@ __all__ = [
     "assign_loras",
     "default_params",
     "image_extension",
+    "lora_body_check",
+    "lora_body_problem",
     "register_asset_resolvers",
     "register_param_types",
 ]

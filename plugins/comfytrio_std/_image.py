@@ -5,20 +5,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
+import re
+import secrets
+import stat
+import threading
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 
-from comfytrio import ComfyAPIError, ParamError
-from comfytrio.hookspecs import BaseParamType, InstanceTarget, JobContext, Param, run_concurrently
+from comfytrio import ComfyAPIError, DownloadError, ParamError
+from comfytrio.hookspecs import (
+    BaseParamType,
+    InstanceTarget,
+    JobContext,
+    Param,
+    check_download_url,
+    run_concurrently,
+    shown,
+)
 
 __all__ = ["DEFAULT_MAX_IMAGE_BYTES", "ImageType", "image_extension"]
 
 logger = logging.getLogger("comfytrio_std")
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024**2
 """The default size cap of one input image (64 MiB)."""
@@ -46,9 +59,86 @@ def image_extension(data: bytes) -> str | None:
     return None
 
 
+def _scheme(value: str) -> str:
+    """The URL scheme of ``value`` (lower case), or "" for a path. A one-letter "scheme" is
+    a Windows drive (``C:\\...``), i.e. a path. Never raises (``urlsplit`` does, for a
+    malformed host)."""
+    match = _SCHEME.match(value)
+    return match[1].lower() if match and len(match[1]) > 1 else ""
+
+
 def _is_url(value: str) -> bool:
-    # A one-letter "scheme" is a Windows drive (C:\...), i.e. a path.
-    return len(urlsplit(value).scheme) > 1
+    return bool(_scheme(value))
+
+
+_READ_CHUNK = 1 << 20
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+class _NotRegularError(Exception):
+    """The path is no regular file (``kind`` says what it is)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _TooBigError(Exception):
+    """The file holds more than the cap."""
+
+
+def _kind_of(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_capped(path: str, cap: int, stop: threading.Event) -> bytes:
+    """The bytes of the regular file ``path``, at most ``cap`` (``_TooBigError`` past it).
+
+    Never blocks on what is no regular file: ``stat`` refuses it before it is opened (a
+    device is never opened), and the open is non-blocking with ``fstat`` checked again (a
+    FIFO swapped in meanwhile). The size is that of the bytes read (``/dev/zero``-like files
+    that report 0 bytes are cut at ``cap + 1``). Stops once ``stop`` is set.
+    """
+    before = os.stat(path)
+    if not stat.S_ISREG(before.st_mode):
+        raise _NotRegularError(_kind_of(before.st_mode))
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise _NotRegularError(_kind_of(opened.st_mode))
+        if opened.st_size > cap:
+            raise _TooBigError(opened.st_size)
+        data = bytearray()
+        while len(data) <= cap and not stop.is_set():
+            chunk = os.read(fd, min(_READ_CHUNK, cap + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise _TooBigError(len(data))
+    return bytes(data)
+
+
+async def _holds(dest: trio.Path, size: int) -> bool:
+    """Whether ``dest`` is a regular file of ``size`` bytes (anything else there is
+    replaced, or, a directory, refused by the rename)."""
+    try:
+        present = await dest.stat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(present.st_mode) and present.st_size == size
 
 
 class ImageType(BaseParamType):
@@ -72,29 +162,47 @@ class ImageType(BaseParamType):
         """Seconds fetching one image URL may take; None uses the downloader's."""
 
     def validate(self, param: Param) -> None:
-        """Refuse a value that is not a non-empty str, path or bytes, and a URL whose scheme
-        is not http or https (``file://``, ``ftp://``...)."""
+        """Refuse a value that is not a non-empty str, path or bytes, a URL whose scheme is
+        not http or https (``file://``, ``ftp://``...) or that is malformed, and a path
+        holding a NUL."""
         super().validate(param)
         value = param.value
         if isinstance(value, bytes | bytearray | memoryview):
-            if not len(value):
+            size = memoryview(value).nbytes
+            if not size:
                 raise ParamError(param.name, "the image bytes are empty")
-            if len(value) > self.max_bytes:
+            if size > self.max_bytes:
                 raise ParamError(
-                    param.name, f"the image is {len(value)} bytes, over the {self.max_bytes} cap"
+                    param.name, f"the image is {size} bytes, over the {self.max_bytes} cap"
                 )
             return
-        if isinstance(value, os.PathLike):
-            return
+        is_path = isinstance(value, os.PathLike)  # a path, whatever it looks like
+        if is_path:
+            try:
+                value = os.fspath(value)
+            except Exception as exc:  # a caller's __fspath__ may raise anything
+                raise ParamError(
+                    param.name, f"cannot turn {shown(value)} into a path: {exc!r}"
+                ) from exc
+            if not isinstance(value, str):
+                raise ParamError(param.name, f"expects a str path, got {shown(value)}")
         if not isinstance(value, str) or not value:
             raise ParamError(
-                param.name, f"expects an http(s) URL, a file path or bytes, got {value!r}"
+                param.name, f"expects an http(s) URL, a file path or bytes, got {shown(value)}"
             )
-        if _is_url(value) and urlsplit(value).scheme.lower() not in ("http", "https"):
-            raise ParamError(
-                param.name,
-                f"only http:// and https:// URLs or local paths are allowed, not {value!r}",
-            )
+        if "\x00" in value:
+            raise ParamError(param.name, f"a path or URL cannot hold a NUL: {shown(value)}")
+        if not is_path and _is_url(value):
+            if _scheme(value) not in ("http", "https"):
+                raise ParamError(
+                    param.name,
+                    "only http:// and https:// URLs or local paths are allowed, "
+                    f"not {shown(value)}",
+                )
+            try:
+                check_download_url(value)
+            except DownloadError as exc:
+                raise ParamError(param.name, exc.reason) from exc
 
     async def prepare(self, param: Param, job: JobContext) -> Any:
         """Load the image, name it by its hash, place it on every target; return its name."""
@@ -125,28 +233,39 @@ class ImageType(BaseParamType):
     async def _load(self, param: Param, job: JobContext) -> bytes:
         value = param.value
         if isinstance(value, bytes | bytearray | memoryview):
-            return bytes(value)
+            return memoryview(value).tobytes()
         if isinstance(value, str) and _is_url(value):
             return await job.fetch(value, max_bytes=self.max_bytes, timeout=self.timeout)
-        path = trio.Path(os.fspath(value))
+        return await self._read_file(param, os.fspath(value))
+
+    async def _read_file(self, param: Param, path: str) -> bytes:
+        """The bytes of a local image: a regular file only, capped on the bytes read, in a
+        thread that a cancel abandons (and that then stops at its next chunk)."""
+        stop = threading.Event()
         try:
-            size = (await path.stat()).st_size
-            if size > self.max_bytes:
-                raise ParamError(
-                    param.name, f"{path} is {size} bytes, over the {self.max_bytes}-byte cap"
-                )
-            return await path.read_bytes()
-        except OSError as exc:
-            raise ParamError(param.name, f"cannot read {path}: {exc.strerror or exc}") from exc
+            return await trio.to_thread.run_sync(
+                partial(_read_capped, path, self.max_bytes, stop), abandon_on_cancel=True
+            )
+        except _NotRegularError as exc:
+            raise ParamError(param.name, f"{path} is {exc.kind}, not a regular file") from exc
+        except _TooBigError as exc:
+            raise ParamError(
+                param.name, f"{path} holds over {self.max_bytes} bytes (the cap)"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ParamError(param.name, f"cannot read {path}: {reason}") from exc
+        finally:
+            stop.set()
 
     async def _place(self, target: InstanceTarget, name: str, data: bytes) -> str:
         if target.input_dir is None:
             return await target.upload_image(name, data)
         folder = Path(target.input_dir)
         dest = trio.Path(folder / name)
-        tmp = trio.Path(folder / f".{name}.{uuid.uuid4().hex[:12]}.part")
+        tmp = trio.Path(folder / f".part-{secrets.token_hex(8)}")
         try:
-            if await dest.exists():  # named by content: the same bytes are already there
+            if await _holds(dest, len(data)):  # named by content: the same bytes are there
                 return name
             await trio.Path(folder).mkdir(parents=True, exist_ok=True)
             await tmp.write_bytes(data)

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from comfytrio import ParamError
-from comfytrio.hookspecs import BaseParamType, Param, Shard
+from comfytrio.hookspecs import BaseParamType, Param, Shard, shown
 
 __all__ = [
     "DEFAULT_SEED_TITLE",
+    "MAX_INTEGER",
+    "MIN_INTEGER",
     "BooleanType",
     "FloatType",
     "IntegerType",
@@ -28,9 +30,15 @@ DEFAULT_SEED_TITLE = "K - SEED"
 MAX_SEED = 2**64 - 1
 """The largest seed ComfyUI's samplers accept."""
 
+MIN_INTEGER = -(2**63)
+"""The smallest ``integer`` value (ComfyUI's ``INT`` inputs are 64-bit)."""
+
+MAX_INTEGER = 2**64 - 1
+"""The largest ``integer`` value (the widest ComfyUI takes: a seed)."""
+
 
 def _kind(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 class IntegerType(BaseParamType):
@@ -41,10 +49,16 @@ class IntegerType(BaseParamType):
     scalable = True
 
     def validate(self, param: Param) -> None:
-        """Refuse anything but an ``int`` (``True`` included), and a split value below 1."""
+        """Refuse anything but an ``int`` (``True`` included), one outside ``MIN_INTEGER``
+        to ``MAX_INTEGER``, and a split value below 1."""
         super().validate(param)
         if isinstance(param.value, bool) or not isinstance(param.value, int):
             raise ParamError(param.name, f"expects an integer, got {_kind(param.value)}")
+        if not MIN_INTEGER <= param.value <= MAX_INTEGER:
+            raise ParamError(
+                param.name,
+                f"an integer must be from {MIN_INTEGER} to {MAX_INTEGER}, got {shown(param.value)}",
+            )
         if param.gpu_scale and param.value < 1:
             raise ParamError(param.name, f"a gpu_scale value must be at least 1, got {param.value}")
 
@@ -55,10 +69,20 @@ class StringType(BaseParamType):
     name = "string"
 
     def validate(self, param: Param) -> None:
-        """Refuse anything but a ``str``."""
+        """Refuse anything but a ``str``, and one holding a NUL or a lone surrogate (which
+        UTF-8, so the JSON sent to ComfyUI, cannot carry)."""
         super().validate(param)
-        if not isinstance(param.value, str):
-            raise ParamError(param.name, f"expects a string, got {_kind(param.value)}")
+        value = param.value
+        if not isinstance(value, str):
+            raise ParamError(param.name, f"expects a string, got {_kind(value)}")
+        if "\x00" in value:
+            raise ParamError(param.name, f"a string cannot hold a NUL character: {shown(value)}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ParamError(
+                param.name, f"the string is not valid Unicode ({exc.reason}): {shown(value)}"
+            ) from exc
 
 
 class FloatType(BaseParamType):
@@ -67,13 +91,18 @@ class FloatType(BaseParamType):
     name = "float"
 
     def validate(self, param: Param) -> None:
-        """Refuse anything but a finite ``int`` or ``float``."""
+        """Refuse anything but a finite ``int`` or ``float`` (an ``int`` a float cannot hold,
+        such as ``10**400``, included)."""
         super().validate(param)
         value = param.value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamError(param.name, f"expects a number, got {_kind(value)}")
-        if not math.isfinite(value):
-            raise ParamError(param.name, f"expects a finite number, got {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int past the largest float
+            finite = False
+        if not finite:
+            raise ParamError(param.name, f"expects a finite number, got {shown(value)}")
 
     def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
         """The value as a ``float``."""
@@ -113,7 +142,7 @@ class SeedType(BaseParamType):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamError(param.name, f"expects an integer seed, got {_kind(value)}")
         if not 0 <= value <= MAX_SEED:
-            raise ParamError(param.name, f"a seed must be from 0 to {MAX_SEED}, got {value}")
+            raise ParamError(param.name, f"a seed must be from 0 to {MAX_SEED}, got {shown(value)}")
 
     def shard_value(self, param: Param, prepared: Any, shard: Shard) -> Any:
         """``(value or job seed) + shard index``, wrapped to stay a valid seed."""
@@ -157,9 +186,9 @@ def default_seed_param(
         if DEFAULT_SEED_TITLE in targets:
             if entry.get("type") != "seed":
                 logger.warning(
-                    "a %r param sets %r: every shard gets the same value, so a split batch "
+                    "a %s param sets %r: every shard gets the same value, so a split batch "
                     "repeats its images (type 'seed' gives each shard its own)",
-                    entry.get("type"),
+                    shown(entry.get("type")),
                     DEFAULT_SEED_TITLE,
                 )
             return None
