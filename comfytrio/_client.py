@@ -537,7 +537,7 @@ class ComfyClient:
                 self._publish(NodeProgress(self.name, prompt_id, node, int(value), int(top)))
         elif kind == "executed":
             node = firewall.node_id(data.get("node"))
-            output = firewall.output(data.get("output") or {}, node)
+            output = firewall.output(data.get("output", {}), node)
             watch.outputs[node] = output
             if subscribed:
                 self._publish(NodeOutput(self.name, prompt_id, node, output))
@@ -724,7 +724,7 @@ class ComfyClient:
                 number, node_errors = firewall.prompt_answer(answer)
             except firewall.Malformed as exc:
                 self._abandoned.add(prompt_id)  # it may be queued there: removed in time
-                raise ServerProtocolError(self.name, str(exc), prompt_id=prompt_id) from None
+                raise self._protocol_error(str(exc), prompt_id) from None
             if node_errors and not allow_partial:
                 await self._cancel_shielded(prompt_id)
                 raise WorkflowError(
@@ -936,8 +936,13 @@ class ComfyClient:
         try:
             return check(firewall.loads(r.content, f"the answer of GET {path}"))
         except firewall.Malformed as exc:
-            self._malformed_count += 1
-            raise ServerProtocolError(self.name, str(exc)) from None
+            raise self._protocol_error(str(exc)) from None
+
+    def _protocol_error(self, detail: str, prompt_id: str | None = None) -> ServerProtocolError:
+        """An answer ComfyUI never gives: counted, and the error for the call that got it."""
+        self._malformed_count += 1
+        logger.warning("%s: malformed answer: %s", self.name, detail)
+        return ServerProtocolError(self.name, detail, prompt_id=prompt_id)
 
     async def system_stats(self) -> dict[str, Any]:
         """``GET /system_stats``: versions, devices, memory."""
@@ -959,8 +964,7 @@ class ComfyClient:
         try:
             return firewall.model_names(firewall.loads(r.content, f"GET /models/{folder}"))
         except firewall.Malformed as exc:
-            self._malformed_count += 1
-            raise ServerProtocolError(self.name, str(exc)) from None
+            raise self._protocol_error(str(exc)) from None
 
     async def queue(self) -> dict[str, Any]:
         """``GET /queue``: ``queue_running`` and ``queue_pending``."""
@@ -1025,8 +1029,7 @@ class ComfyClient:
         try:
             name, sub = firewall.upload_answer(firewall.loads(r.content, "POST /upload/image"))
         except firewall.Malformed as exc:
-            self._malformed_count += 1
-            raise ServerProtocolError(self.name, str(exc)) from None
+            raise self._protocol_error(str(exc)) from None
         return f"{sub}/{name}" if sub else name
 
     @asynccontextmanager

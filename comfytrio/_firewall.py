@@ -139,6 +139,15 @@ def _name(value: Any, what: str, *, empty: bool) -> str:
     return value
 
 
+def _relative(value: Any, what: str, *, empty: bool) -> str:
+    """A name inside a server's folder: no ``..``, not absolute (``/``, ``\\``, ``C:``)."""
+    name = _name(value, what, empty=empty)
+    parts = name.replace("\\", "/").split("/")
+    if name[:1] in ("/", "\\") or name[1:2] == ":" or ".." in parts:
+        raise Malformed(f"{what} {name!r} would leave its folder")
+    return name
+
+
 def output(value: Any, node: str) -> dict[str, Any]:
     """One output node's ``output`` (``ui``): an object; its file entries (objects with a
     ``filename``) must name a file as ComfyUI does. Other values (text, numbers) pass."""
@@ -148,8 +157,8 @@ def output(value: Any, node: str) -> dict[str, Any]:
             continue
         for item in items:
             if isinstance(item, dict) and "filename" in item:
-                _name(item["filename"], f"a file name of node {node}", empty=False)
-                _name(item.get("subfolder", ""), f"a sub-folder of node {node}", empty=True)
+                _relative(item["filename"], f"a file name of node {node}", empty=False)
+                _relative(item.get("subfolder", ""), f"a sub-folder of node {node}", empty=True)
                 kind = item.get("type", "output")
                 if kind not in _FILE_TYPES:
                     raise Malformed(f"a file of node {node} has the type {kind!r}")

@@ -39,6 +39,9 @@ __all__ = [
 
 logger = logging.getLogger("comfytrio.scheduler")
 
+_LOOK_AHEAD = 32
+"""How far into the queue a worker looks for a shard that was not lost on it before."""
+
 
 def distribute(total: int, gpu_count: int) -> list[int]:
     """Split ``total`` as evenly as possible over ``gpu_count`` slots, the larger shares first.
@@ -452,14 +455,28 @@ class Scheduler:
             idle = counters.in_flight == 0
             spare = len(self._queue) - (0 if idle else self._reserved)
             if spare > 0:
-                task = self._queue.popleft()
-                self._admit()
-                return task
+                task = self._pop_for(instance)
+                if task is not None:
+                    self._admit()
+                    return task
+                self._wake(1)  # what waits was lost here: another instance takes it
             if idle:
                 await self._idle_lot.park()
                 self._reserved -= 1
             else:
                 await self._busy_lot.park()
+
+    def _pop_for(self, instance: _Worker) -> ShardTask | None:
+        """The first queued shard for ``instance``: one that was lost on it before goes to
+        another healthy instance if there is one (the first ``_LOOK_AHEAD`` are looked at)."""
+        others = any(w.healthy for name, w in self._workers.items() if name != instance.name)
+        for i, task in enumerate(self._queue):
+            if i >= _LOOK_AHEAD:
+                break
+            if not others or instance.name not in task.previous_instances:
+                del self._queue[i]
+                return task
+        return None
 
     async def _run(
         self, instance: _Worker, task: ShardTask, slots: trio.Semaphore, counters: _Counters

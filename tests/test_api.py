@@ -273,7 +273,9 @@ async def test_spec_quickstart_txt2img_and_img2img(install: Path, tmp_path: Path
                 )
                 assert per_instance == [1, 1, 2]  # distribute(4, 3)
         assert web.count("/detail_enhancer.safetensors") == 1  # downloaded once
-        assert (models / "loras" / "detail_enhancer.safetensors").read_bytes() == safetensors_bytes()
+        assert (
+            models / "loras" / "detail_enhancer.safetensors"
+        ).read_bytes() == safetensors_bytes()
         nursery.cancel_scope.cancel()
 
 
