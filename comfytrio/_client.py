@@ -323,7 +323,17 @@ class ComfyClient:
     async def _serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Own the websocket: connect, read, reconnect with backoff, reconcile after a drop."""
+        """Own the websocket: connect, read, reconnect with backoff, reconcile after a drop.
+        Raises ``ServerLostError`` (itself, not in a group) when the first connection fails."""
+        try:
+            await self._serve_in_nursery(task_status)
+        except BaseExceptionGroup as group:
+            lone = single_error(group)
+            if isinstance(lone, ServerLostError):
+                raise lone from None
+            raise
+
+    async def _serve_in_nursery(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             first = True
@@ -664,24 +674,52 @@ class ComfyClient:
             return
         try:
             running, pending = firewall.queue_ids(await self.queue())
-            for watch in watches:
-                if watch.done.is_set():
-                    continue
-                if watch.prompt_id in running and watch.started_at is None:
-                    self._mark_running(watch)  # its start event was missed
-                if watch.prompt_id in running or watch.prompt_id in pending:
-                    watch.last_activity = trio.current_time()
-                    continue
-                entry = await self.history(watch.prompt_id)
-                if watch.done.is_set():
-                    continue
-                if entry is not None:
-                    self._settle_from_history(watch, entry)
-                else:
-                    logger.warning("%s: prompt %s vanished", self.name, watch.prompt_id)
-                    self._settle(watch, PromptVanishedError(self.name, watch.prompt_id), "vanished")
         except (ServerLostError, ServerProtocolError) as exc:
-            logger.warning("%s: cannot reconcile yet: %s", self.name, exc)
+            self._reconcile_failed(watches, exc)
+            return
+        for watch in watches:
+            if watch.done.is_set():
+                continue
+            if watch.prompt_id in running and watch.started_at is None:
+                self._mark_running(watch)  # its start event was missed
+            if watch.prompt_id in running or watch.prompt_id in pending:
+                watch.last_activity = trio.current_time()
+                continue
+            try:
+                entry = await self.history(watch.prompt_id)
+            except ServerProtocolError as exc:  # this prompt's own history is malformed
+                self._settle(watch, exc, "error")
+                self._abandoned.add(watch.prompt_id)
+                continue
+            except ServerLostError as exc:
+                self._reconcile_failed([watch], exc)
+                continue
+            if watch.done.is_set():
+                continue
+            if entry is not None:
+                self._settle_from_history(watch, entry)
+            else:
+                logger.warning("%s: prompt %s vanished", self.name, watch.prompt_id)
+                self._settle(watch, PromptVanishedError(self.name, watch.prompt_id), "vanished")
+
+    def _reconcile_failed(self, watches: list[_Watch], exc: ComfyAPIError) -> None:
+        """The server cannot say where silent prompts are: try again later, but a prompt
+        silent for ``silence_timeout`` + ``reconnect_timeout`` seconds is given up (it runs
+        elsewhere, and is removed from this server once it answers again), as when the
+        websocket stays down that long."""
+        logger.warning("%s: cannot reconcile yet: %s", self.name, exc)
+        limit = self.silence_timeout + self.reconnect_timeout
+        now = trio.current_time()
+        for watch in watches:
+            silent = now - watch.last_activity
+            if silent > limit and not watch.done.is_set():
+                self._abandoned.add(watch.prompt_id)
+                why = f"prompt silent for {silent:.0f} s, and the server cannot say where it is"
+                self._settle(
+                    watch,
+                    ServerLostError(self.name, f"{why} ({exc})", prompt_id=watch.prompt_id),
+                    "lost",
+                )
 
     # ------------------------------------------------------------------ prompts
 
