@@ -3,7 +3,8 @@
 It speaks ComfyUI's HTTP and websocket API (routes, status codes, JSON shapes, message
 order, validation errors, the classic cache), really runs the model-free nodes on Pillow
 images, simulates model nodes with a configurable GPU time, and can fail, crash, hang or
-drop its websockets on demand. Three ways in:
+drop its websockets on demand, or turn hostile (answers and messages no ComfyUI sends).
+Three ways in:
 
 - ``await nursery.start(serve_fake_comfyui, root)`` returns a ``FakeComfyUI`` handle;
 - the pytest fixtures ``fake_comfyui`` and ``fake_comfyui_factory`` (this package's
@@ -23,13 +24,16 @@ from ._install import lay_out_fake_comfyui_install
 
 if TYPE_CHECKING:
     from ._fake import FakeComfyUI, serve_fake_comfyui
+    from ._faults import RawBytes, websocket_frame
     from ._server import COMFYUI_VERSION
 
 __all__ = [
     "COMFYUI_VERSION",
     "FakeComfyUI",
+    "RawBytes",
     "lay_out_fake_comfyui_install",
     "serve_fake_comfyui",
+    "websocket_frame",
 ]
 
 # Imported on first use, so that loading the pytest plugin (this package's
@@ -38,6 +42,8 @@ _LAZY = {
     "FakeComfyUI": "._fake",
     "serve_fake_comfyui": "._fake",
     "COMFYUI_VERSION": "._server",
+    "RawBytes": "._faults",
+    "websocket_frame": "._faults",
 }
 
 

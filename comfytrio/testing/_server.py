@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._engine import Engine, _member
-from ._faults import Gate
+from ._faults import AnswerRule, Gate, Hostility, RawBytes, WsMessage, encode_ws_message
 from ._nodes import NodeRegistry
 from ._paths import FakePaths, disk_work
 
@@ -72,6 +72,16 @@ class Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.websocket = False
+        self.send_lock: trio.Lock | None = None
+        """Hypercorn's lock around writes to ``stream`` (set once it serves the connection)."""
+
+    async def write_raw(self, data: bytes) -> None:
+        """Write ``data`` onto the stream between two of Hypercorn's writes (hostile mode)."""
+        if self.send_lock is None:
+            await self.stream.send_all(data)
+        else:
+            async with self.send_lock:
+                await self.stream.send_all(data)
 
     def abort(self, *, reset: bool) -> None:
         """Close the socket now; ``reset`` makes the peer see a connection reset (RST)."""
@@ -85,35 +95,76 @@ class Connection:
 
 
 class _WsClient:
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, connection: Connection | None = None) -> None:
         self.sid = sid
+        self.connection = connection
         self.feature_flags: dict[str, Any] = {}
-        self.outbox, self.inbox = trio.open_memory_channel[str | bytes](math.inf)
+        self.outbox, self.inbox = trio.open_memory_channel[str | bytes | RawBytes](math.inf)
 
-    def queue(self, frame: str | bytes) -> None:
+    def queue(self, frame: str | bytes | RawBytes) -> None:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self.outbox.send_nowait(frame)
 
 
 class SocketHub:
-    """The websockets by ``clientId``; a newer socket with the same id replaces the older."""
+    """The websockets by ``clientId``; a newer socket with the same id replaces the older.
 
-    def __init__(self) -> None:
+    ``hostile`` rules (``send_ws_after``) may add or replace messages as they are sent.
+    """
+
+    def __init__(self, hostile: Hostility | None = None) -> None:
         self.sockets: dict[str, _WsClient] = {}
+        self.hostile = hostile
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        """A socket came or went (wakes ``wait_changed``)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until a socket comes or goes."""
+        await self._changed.wait()
+
+    def _targets(self, sid: str | None) -> list[_WsClient]:
+        if sid is None:
+            return list(self.sockets.values())
+        target = self.sockets.get(sid)
+        return [target] if target is not None else []
 
     def send(self, event: str | int, data: Any, sid: str | None) -> None:
         """Queue a message for ``sid`` (dropped if unknown), or for everyone when None."""
+        self.deliver(event, data, self._targets(sid))
+
+    def deliver(self, event: str | int, data: Any, targets: list[_WsClient]) -> None:
+        """Queue one message for ``targets``."""
+        if not targets:
+            return
         if isinstance(event, int):
             frame: str | bytes = struct.pack(">I", event) + bytes(data)
         else:
             frame = json.dumps({"type": event, "data": data})
-        if sid is None:
-            targets = list(self.sockets.values())
-        else:
-            target = self.sockets.get(sid)
-            targets = [target] if target is not None else []
+        frames: list[str | bytes | RawBytes] = [frame]
+        if self.hostile is not None:
+            frames = self.hostile.rewrite(event, data, frame)
+        for client in targets:
+            for each in frames:
+                client.queue(each)
+
+    def send_message(self, message: WsMessage, sid: str | None) -> int:
+        """Queue any message (hostile mode), as it is; how many sockets it goes to."""
+        targets = self._targets(sid)
+        frame = encode_ws_message(message)
         for client in targets:
             client.queue(frame)
+        return len(targets)
+
+    def send_raw(self, data: bytes, sid: str | None) -> int:
+        """Queue bytes to write onto the sockets' streams as they are (hostile mode)."""
+        targets = self._targets(sid)
+        for client in targets:
+            client.queue(RawBytes(bytes(data)))
+        return len(targets)
 
     def supports_preview_metadata(self, sid: str | None) -> bool:
         """Whether ``sid`` sent ``{"supports_preview_metadata": true}`` first."""
@@ -367,18 +418,13 @@ class _Routes:
             self.hub.sockets.pop(sid, None)
         else:
             sid = uuid.uuid4().hex
-        client = _WsClient(sid)
+        client = _WsClient(sid, connection)
         self.hub.sockets[sid] = client
+        self.hub.changed()
         try:
-            client.queue(
-                json.dumps(
-                    {"type": "status", "data": {"status": self.engine.queue_info(), "sid": sid}}
-                )
-            )
+            self.hub.deliver("status", {"status": self.engine.queue_info(), "sid": sid}, [client])
             if self.engine.client_id == sid and self.engine.last_node_id is not None:
-                client.queue(
-                    json.dumps({"type": "executing", "data": {"node": self.engine.last_node_id}})
-                )
+                self.hub.deliver("executing", {"node": self.engine.last_node_id}, [client])
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ws_sender, websocket, client, nursery.cancel_scope)
                 await self._ws_receiver(websocket, client)
@@ -386,6 +432,7 @@ class _Routes:
         finally:
             if self.hub.sockets.get(sid) is client:
                 del self.hub.sockets[sid]
+                self.hub.changed()
             client.outbox.close()
 
     async def _ws_sender(
@@ -394,7 +441,10 @@ class _Routes:
         try:
             async for frame in client.inbox:
                 await self.gate.wait_open()
-                if isinstance(frame, bytes):
+                if isinstance(frame, RawBytes):
+                    if client.connection is not None:
+                        await client.connection.write_raw(frame.data)
+                elif isinstance(frame, bytes):
                     await websocket.send_bytes(frame)
                 else:
                     await websocket.send_text(frame)
@@ -416,7 +466,7 @@ class _Routes:
                 if first and isinstance(data, dict) and data.get("type") == "feature_flags":
                     flags = data.get("data", {})
                     client.feature_flags = dict(flags) if isinstance(flags, Mapping) else {}
-                    client.queue(json.dumps({"type": "feature_flags", "data": _SERVER_FEATURES}))
+                    self.hub.deliver("feature_flags", _SERVER_FEATURES, [client])
                 first = False
             except ValueError:
                 logger.info("fake ComfyUI: invalid JSON from websocket %s", client.sid)
@@ -546,6 +596,100 @@ class _Gatekeeper:
         await self.app(scope, receive, send)
 
 
+class _HostileAnswers:
+    """ASGI middleware: requests a ``corrupt_answers`` rule takes get its answer instead."""
+
+    def __init__(self, app: ASGIApp, hostile: Hostility, gate: Gate) -> None:
+        self.app = app
+        self.hostile = hostile
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rule: AnswerRule | None = None
+        if scope["type"] in ("http", "websocket") and self.hostile.answer_rules:
+            method = scope.get("method", "GET") if scope["type"] == "http" else "GET"
+            rule = self.hostile.answer_rule_for(method, scope["path"])
+        if rule is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.gate.wait_open()
+            self.hostile.used(rule)
+            await _refuse_websocket(rule, send)
+        elif rule.body is not None:
+            self.hostile.used(rule)
+            await _drain(receive)
+            await _send_answer(send, rule.status or 200, [], rule.content_type, rule.body)
+        else:
+            await self._transform(rule, scope, receive, send)
+
+    async def _transform(
+        self, rule: AnswerRule, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        assert rule.transform is not None
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(bytes(message.get("body", b"")))
+            else:
+                await send(message)
+
+        await self.app(scope, receive, capture)
+        real = b"".join(chunks)
+        new = rule.transform(real)
+        headers: list[tuple[bytes, bytes]] = list(start.get("headers", []))
+        if new is None:
+            await send(
+                {"type": "http.response.start", "status": start["status"], "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": real})
+            return
+        self.hostile.used(rule)
+        body = new.encode() if isinstance(new, str) else new
+        await _send_answer(send, rule.status or start["status"], headers, rule.content_type, body)
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _send_answer(
+    send: Send,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    content_type: str | None,
+    body: bytes,
+) -> None:
+    drop = {b"content-length"} | ({b"content-type"} if content_type is not None else set())
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
+    if content_type is not None or not headers:
+        kept.append((b"content-type", (content_type or "application/json; charset=utf-8").encode()))
+    if status in (204, 304):
+        body = b""  # HTTP/1.1 answers with these codes have no body
+    else:
+        kept.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": kept})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_websocket(rule: AnswerRule, send: Send) -> None:
+    body = rule.body or b""
+    headers = [
+        (b"content-type", (rule.content_type or "text/html; charset=utf-8").encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send(
+        {"type": "websocket.http.response.start", "status": rule.status or 200, "headers": headers}
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     code = exc.status_code if isinstance(exc, HTTPException) else 500
     text = {404: "Not Found", 405: "Method Not Allowed"}.get(code, "Error")
@@ -559,11 +703,14 @@ def build_app(
     paths: FakePaths,
     system: SystemInfo,
     gate: Gate,
+    hostile: Hostility | None = None,
 ) -> ASGIApp:
-    """The ASGI app of one server generation."""
+    """The ASGI app of one server generation (``hostile``: the ``corrupt_answers`` rules)."""
     routes = _Routes(engine, hub, registry, paths, system, gate).routes()
-    app = Starlette(
+    app: ASGIApp = Starlette(
         routes=[*routes, Mount("/api", routes=routes)],
         exception_handlers={404: _not_found, 405: _not_found},
     )
+    if hostile is not None:
+        app = _HostileAnswers(app, hostile, gate)
     return _Gatekeeper(app, gate)
