@@ -264,6 +264,10 @@ class ComfyAPI:
                 finally:
                     self._http = None
                     self._scheduler.close()
+                    # Running shards remove their prompts from their servers first (each
+                    # within the client's cancel_timeout), while the clients are still open.
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 15):
+                        await self._scheduler.wait_drained()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # Our nursery wraps what the caller's block raised: give it back as it was.

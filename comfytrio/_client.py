@@ -939,6 +939,8 @@ class ComfyClient:
         is not running). Never raises for a server that is gone.
         """
         try:
+            if self.http.is_closed:
+                raise ServerLostError(self.name, "the client is closed")
             with _transport_errors(self.name, "POST /queue"):
                 await self.http.post("/queue", json={"delete": [prompt_id]}, extensions=_RESEND)
             with _transport_errors(self.name, "POST /interrupt"):

@@ -257,6 +257,8 @@ class Scheduler:
         self._workers: dict[str, _Worker] = {}
         self._jobs: dict[str, _Job] = {}
         self._finished: collections.deque[JobStatistics] = collections.deque(maxlen=keep_finished)
+        self._running = 0  # shards being run (or cleaning up) now
+        self._drained = trio.Event()  # set once closed and no shard runs
 
     # ------------------------------------------------------------------ jobs
 
@@ -484,6 +486,7 @@ class Scheduler:
         if task.cancelled:  # its job was cancelled between the queue and here
             self._release(slots, counters)
             return
+        self._running += 1
         now = trio.current_time()
         task.started_at, task.instance = now, instance.name
         job = self._jobs.get(task.job_id)
@@ -506,8 +509,9 @@ class Scheduler:
                     error = ComfyAPIError(f"shard {task.index} on {instance.name}: {exc!r}")
                     error.__cause__ = exc
                     task.outcome, task.failed = error, True
-            if scope.cancelled_caught:
-                task.failed = True
+            if scope.cancelled_caught:  # its job was cancelled, or the api closed
+                why = "the ComfyAPI was closed" if self._closed else "its job was cancelled"
+                task.outcome, task.failed = ComfyAPIError(why), True
         finally:
             task._scope = None
             task.finished_at = trio.current_time()
@@ -521,6 +525,9 @@ class Scheduler:
             else:
                 self._end(task)
             self._release(slots, counters)
+            self._running -= 1
+            if self._closed and not self._running:
+                self._drained.set()
 
     def _release(self, slots: trio.Semaphore, counters: _Counters) -> None:
         counters.in_flight -= 1
@@ -571,10 +578,17 @@ class Scheduler:
         self._admit()
         return failed
 
+    async def wait_drained(self) -> None:
+        """After ``close``: until every shard that was running has ended (its prompt removed
+        from its server: so the clients must stay open until then)."""
+        await self._drained.wait()
+
     def close(self) -> None:
         """The api is closing: every job still waiting ends with an error (those waiting to
         be planned too)."""
         self._closed = True
+        if not self._running:
+            self._drained.set()
         self._queue.clear()
         self._planning += len(self._admission.unpark_all())  # each abandons itself
         for job in list(self._jobs.values()):

@@ -175,13 +175,14 @@ async def test_unsolicited_garbage_on_the_socket_is_counted_and_ignored(
 ) -> None:
     bad, good = await fake_comfyui_factory(), await fake_comfyui_factory()
     async with api_on([bad, good], tmp_path, attempts=1) as api:
-        for message in (
+        garbage: list[Any] = [
             {"type": "progress", "data": "boom"},
             '{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": Infinity}}}}',
             "not json at all",
             {"data": {}},
             [1, 2, 3],
-        ):
+        ]
+        for message in garbage:
             assert bad.send_ws(message) == 1
         assert bad.ping_ws(b"p" * 200) == 1  # a control frame RFC 6455 forbids: reconnect
         with trio.fail_after(30):

@@ -17,6 +17,7 @@ from test_fault_tolerance import JOB, params
 
 from comfytrio import (
     ComfyAPI,
+    ComfyAPIError,
     ComfyUITimeoutError,
     DownloadError,
     ExecutionError,
@@ -313,3 +314,25 @@ async def test_a_failed_shard_keeps_the_files_written_before_the_failure(
     assert (error.node_id, error.node_type) == ("5", "ImageInvert")
     assert [o.node_id for o in error.outputs] == ["4", "4"]
     assert all(Path(o.path).is_file() and o.prompt_id == error.prompt_id for o in error.outputs)
+
+
+async def test_closing_the_api_removes_the_running_prompts_from_their_servers(
+    autojump_clock: trio.testing.MockClock, fake_comfyui: FakeComfyUI, tmp_path: Path
+) -> None:
+    fake_comfyui.set_seconds_per_image(600.0)
+    errors: list[BaseException] = []
+
+    async def job(api: ComfyAPI) -> None:
+        try:
+            await api.run_workflow(JOB, params=params("closed", 2))
+        except ComfyAPIError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery, api_on([fake_comfyui.url], tmp_path) as api:
+        nursery.start_soon(job, api)
+        while fake_comfyui.running_id is None:  # noqa: ASYNC110
+            await trio.sleep(1.0)
+    assert [type(e) for e in errors] == [ComfyAPIError]
+    assert "closed" in str(errors[0])
+    await fake_comfyui.wait_idle()  # interrupted: nothing runs on, nothing waits
+    assert (fake_comfyui.running_id, fake_comfyui.queue_ids()) == (None, [])
