@@ -335,4 +335,9 @@ async def test_closing_the_api_removes_the_running_prompts_from_their_servers(
     assert [type(e) for e in errors] == [ComfyAPIError]
     assert "closed" in str(errors[0])
     await fake_comfyui.wait_idle()  # interrupted: nothing runs on, nothing waits
-    assert (fake_comfyui.running_id, fake_comfyui.queue_ids()) == (None, [])
+    assert idle(fake_comfyui)
+
+
+def idle(fake: FakeComfyUI) -> bool:
+    """Nothing runs on ``fake`` and nothing waits in its queue."""
+    return fake.running_id is None and not fake.queue_ids()
