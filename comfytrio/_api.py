@@ -24,7 +24,7 @@ from ._errors import (
     ServerLostError,
     ServerProtocolError,
     UnsafeNameError,
-    single_error,
+    unwrapped,
 )
 from ._files import output_path
 from ._gpu import detect_gpus
@@ -245,7 +245,8 @@ class ComfyAPI:
     async def _open(self) -> AsyncIterator[ComfyAPI]:
         if self._plugins is None:
             self._plugins = make_plugin_manager(download_timeout=self.download_timeout)
-        try:
+        # Our nursery wraps what the caller's block raised: give it back as it was.
+        with unwrapped():
             async with (
                 httpx.AsyncClient(
                     verify=tls_context(),
@@ -269,12 +270,6 @@ class ComfyAPI:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + 15):
                         await self._scheduler.wait_drained()
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # Our nursery wraps what the caller's block raised: give it back as it was.
-            lone = single_error(group)
-            if lone is None:
-                raise
-            raise lone from None
 
     async def _watch_capacity(self) -> None:
         """Fail the queued shards when no instance could take them for a long time, so no
@@ -314,7 +309,8 @@ class ComfyAPI:
 
         async def start(instance: Instance) -> None:
             try:
-                await nursery.start(instance.serve)
+                with unwrapped(ComfyAPIError):
+                    await nursery.start(instance.serve)
             except ComfyAPIError as exc:  # our process could not start
                 instance.last_error, instance.state = exc, "failed"
                 failed.append(exc)

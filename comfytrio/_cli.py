@@ -36,7 +36,14 @@ from rich.logging import RichHandler
 
 from . import __version__, _gpu
 from ._api import ComfyAPI
-from ._errors import ComfyAPIError, ExecutionError, ParamError, PluginError, single_error
+from ._errors import (
+    ComfyAPIError,
+    ExecutionError,
+    ParamError,
+    PluginError,
+    single_error,
+    unwrapped,
+)
 from ._gpu import detect_gpus
 from ._plan import MAX_SEED, validate_params
 from ._plugins import Plugins, make_plugin_manager
@@ -408,7 +415,7 @@ async def _execute(setup: _Setup, job: _Job, display: Display | None) -> JobResu
         plugins=setup.plugins,
         env=setup.env,
     )
-    try:
+    with unwrapped():
         async with trio.open_nursery() as nursery:
             await nursery.start(_watch_signals)
             progress = None
@@ -431,11 +438,6 @@ async def _execute(setup: _Setup, job: _Job, display: Display | None) -> JobResu
                     )
             finally:
                 nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        lone = single_error(group)
-        if lone is None:
-            raise
-        raise lone from None
 
 
 class _Stopped(Exception):

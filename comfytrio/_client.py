@@ -49,7 +49,7 @@ from ._errors import (
     ServerLostError,
     ServerProtocolError,
     WorkflowError,
-    single_error,
+    unwrapped,
 )
 from ._events import (
     ComfyEvent,
@@ -325,13 +325,8 @@ class ComfyClient:
     ) -> None:
         """Own the websocket: connect, read, reconnect with backoff, reconcile after a drop.
         Raises ``ServerLostError`` (itself, not in a group) when the first connection fails."""
-        try:
+        with unwrapped(ServerLostError):
             await self._serve_in_nursery(task_status)
-        except BaseExceptionGroup as group:
-            lone = single_error(group)
-            if isinstance(lone, ServerLostError):
-                raise lone from None
-            raise
 
     async def _serve_in_nursery(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -1303,7 +1298,7 @@ async def open_comfy_client(
     ``ssl_context`` checks an https server's certificate (default: the system's CAs).
     Raises ``ServerLostError`` when the server cannot be reached.
     """
-    try:
+    with unwrapped():
         async with trio.open_nursery() as nursery:
             client = await connect_comfy_client(
                 nursery,
@@ -1319,8 +1314,3 @@ async def open_comfy_client(
             finally:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
-    except BaseExceptionGroup as group:
-        lone = single_error(group)
-        if lone is None:
-            raise
-        raise lone from None

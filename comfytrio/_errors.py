@@ -30,7 +30,8 @@ the first error is raised and the others are in its ``other_errors`` list.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -368,3 +369,20 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     """
     leaves = leaf_errors(group)
     return leaves[0] if len(leaves) == 1 else None
+
+
+@contextmanager
+def unwrapped(kind: type[BaseException] = BaseException) -> Iterator[None]:
+    """Raise the one exception inside an exception group as itself (when it is a ``kind``).
+
+    Nurseries wrap what their body and tasks raise, even a lone error; a caller of
+    ``open_comfy_client`` or ``ComfyAPI`` catches ``ServerLostError`` as the docs say, not a
+    group of one. Several errors stay a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        lone = single_error(group)
+        if lone is None or not isinstance(lone, kind):
+            raise
+        raise lone from None

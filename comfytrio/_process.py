@@ -31,7 +31,13 @@ import attrs
 import trio
 
 from ._client import wait_server_ready
-from ._errors import ComfyUIStartupError, ComfyUITimeoutError, PortInUseError
+from ._errors import (
+    ComfyAPIError,
+    ComfyUIStartupError,
+    ComfyUITimeoutError,
+    PortInUseError,
+    unwrapped,
+)
 
 __all__ = ["InstanceDirs", "LaunchSpec", "comfyui_command", "run_comfyui"]
 
@@ -351,29 +357,30 @@ async def run_comfyui(
     spawned_at = trio.current_time()
     pump = _LogPump(spec)
     try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            nursery.start_soon(pump.run, process.stdout)
-            stats = await _wait_ready(spec, process)
-            if stats is None:
-                await _terminate(process, spec.grace, spec.name)
-                with trio.move_on_after(2):  # let the pump read the last lines
-                    await trio.sleep(0.05)
-                code = process.returncode
-                tail = pump.text()
-                if "address already in use" in tail.lower():
-                    raise PortInUseError(spec.name, spec.port)
-                raise ComfyUIStartupError(
-                    spec.name, f"the process exited with code {code} while starting", tail
+        with unwrapped(ComfyAPIError):  # our own errors, raised as themselves
+            async with trio.open_nursery() as nursery:
+                assert process.stdout is not None
+                nursery.start_soon(pump.run, process.stdout)
+                stats = await _wait_ready(spec, process)
+                if stats is None:
+                    await _terminate(process, spec.grace, spec.name)
+                    with trio.move_on_after(2):  # let the pump read the last lines
+                        await trio.sleep(0.05)
+                    code = process.returncode
+                    tail = pump.text()
+                    if "address already in use" in tail.lower():
+                        raise PortInUseError(spec.name, spec.port)
+                    raise ComfyUIStartupError(
+                        spec.name, f"the process exited with code {code} while starting", tail
+                    )
+                logger.info("ComfyUI %s ready at %s (pid %d)", spec.name, spec.url, process.pid)
+                task_status.started(
+                    RunningProcess(spec, process, stats, pump, spawned_at, trio.current_time())
                 )
-            logger.info("ComfyUI %s ready at %s (pid %d)", spec.name, spec.url, process.pid)
-            task_status.started(
-                RunningProcess(spec, process, stats, pump, spawned_at, trio.current_time())
-            )
-            code = await process.wait()
-            logger.error("ComfyUI %s exited with code %s", spec.name, code)
-            nursery.cancel_scope.cancel()
-            return code
+                code = await process.wait()
+                logger.error("ComfyUI %s exited with code %s", spec.name, code)
+                nursery.cancel_scope.cancel()
+                return code
     finally:
         try:
             with trio.CancelScope(shield=True):
