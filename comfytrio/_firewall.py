@@ -58,13 +58,20 @@ def _no_constant(name: str) -> Any:
     raise Malformed(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+"""One strict decoder for every message (``json.loads`` with an argument makes a new one
+each call)."""
+
+
 def loads(text: str | bytes, what: str) -> Any:
     """Strict JSON (no ``NaN``/``Infinity``); ``Malformed`` naming ``what`` otherwise."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return _DECODER.decode(text)
     except Malformed as exc:
         raise Malformed(f"{what}: {exc}") from None
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         shown = text[:80] if isinstance(text, str) else text[:80].decode("utf-8", "replace")
         raise Malformed(f"{what} is not JSON ({exc.__class__.__name__}): {shown!r}") from None
 
