@@ -1189,10 +1189,6 @@ def _discard_download(file: BinaryIO | None, tmp: Path) -> None:
         logger.warning("could not remove the partial download %s: %s", tmp, exc)
 
 
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 def _json_or_text(r: httpx.Response) -> Any:
     try:
         return firewall.loads(r.content, "the answer")

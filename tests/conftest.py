@@ -238,6 +238,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive ports nobody listens on right now (for
+    ``--port P --instances N``, which uses P..P+N-1): each is bound once to be sure."""
+    import socket
+
+    for _ in range(100):
+        first = free_port()
+        taken = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                taken.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in taken:
+                sock.close()
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Child:
     """A fake ComfyUI started as a child process (its output collected)."""
 

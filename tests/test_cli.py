@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import WORKFLOWS, free_port, png_bytes
+from conftest import WORKFLOWS, free_port, free_port_run, png_bytes
 from rich.console import Console
 
 from comfytrio import ParamError
@@ -232,7 +232,7 @@ async def test_run_on_started_instances_prints_json(tmp_path: Path) -> None:
         "--comfyui",
         str(install),
         "--port",
-        str(free_port()),
+        str(free_port_run(2)),
         "--instances",
         "2",
         "--cpu",
@@ -405,7 +405,7 @@ async def test_interrupt_stops_every_started_process(
             "--comfyui",
             str(install),
             "--port",
-            str(free_port()),
+            str(free_port_run(2)),
             "--instances",
             "2",
             "--cpu",
