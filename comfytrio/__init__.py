@@ -29,6 +29,7 @@ from ._errors import ParamError as ParamError
 from ._errors import PluginError as PluginError
 from ._errors import PortInUseError as PortInUseError
 from ._errors import PromptVanishedError as PromptVanishedError
+from ._errors import ServerError as ServerError
 from ._errors import ServerLostError as ServerLostError
 from ._errors import ServerProtocolError as ServerProtocolError
 from ._errors import UnknownParamTypeError as UnknownParamTypeError

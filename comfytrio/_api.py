@@ -548,7 +548,7 @@ class ComfyAPI:
     ) -> list[OutputFile]:
         """The files a failed prompt wrote before it failed; none when they cannot be had
         (the prompt's error is the one to report)."""
-        partial = PromptResult(instance.name, error.prompt_id, error.node_outputs)
+        partial = PromptResult(instance.name, task.prompt_id, error.node_outputs)
         try:
             files = await self._collect_within(timeout, partial, instance, task.job_id)
         except ComfyAPIError as exc:

@@ -11,21 +11,23 @@ The tree::
     │   ├── UnknownParamTypeError      .type_name, .known
     │   └── NodeTitleNotFoundError     .title, .available
     ├── PluginError                    a plugin is broken (duplicate name, bad hook)
-    ├── ComfyUIStartupError            .instance, .log_tail: a ComfyUI process did not start
-    │   └── PortInUseError             .port: someone else already listens there
-    ├── ComfyUITimeoutError            .instance, .prompt_id, .timeout
-    ├── ServerLostError                .instance, .prompt_id: the server went away mid-job
-    ├── ServerProtocolError            .instance, .prompt_id, .detail: it sent what ComfyUI never
-    │                                  sends (a malformed message or answer)
-    ├── PromptVanishedError            .instance, .prompt_id: deleted/cleared by someone else
-    ├── WorkflowError                  .error, .node_errors, .status_code: ComfyUI rejected it
-    └── ExecutionError                 .prompt_id, .node_id, .node_type, .exception_type,
-        │                              .outputs (files written before it failed), ...
-        └── ExecutionInterruptedError  the prompt was interrupted while it ran
+    └── ServerError                    .instance, .prompt_id, .retryable: one server's error
+        ├── ComfyUIStartupError        .log_tail: a ComfyUI process did not start
+        │   └── PortInUseError         .port: someone else already listens there
+        ├── ComfyUITimeoutError        .timeout: not ready, or a prompt ran too long
+        ├── ServerLostError            the server went away mid-job (retryable)
+        ├── ServerProtocolError        .detail: it sent what ComfyUI never sends (retryable)
+        ├── PromptVanishedError        deleted/cleared by someone else (retryable)
+        ├── WorkflowError              .error, .node_errors, .status_code: ComfyUI rejected it
+        └── ExecutionError             .node_id, .node_type, .exception_type, .outputs
+            │                          (files written before it failed), ...
+            └── ExecutionInterruptedError  the prompt was interrupted while it ran
 
 Errors carry data: every attribute named above is set, so callers can act on it without
-parsing messages. Causes are chained with ``raise ... from``. When every shard of a job fails,
-the first error is raised and the others are in its ``other_errors`` list.
+parsing messages. ``ServerError.retryable`` says whether the same work may succeed on another
+server (comfytrio itself runs such a shard again, up to ``FaultPolicy.max_shard_attempts``).
+Causes are chained with ``raise ... from``. When every shard of a job fails, the first error
+is raised and the others are in its ``other_errors`` list.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "PluginError",
     "PortInUseError",
     "PromptVanishedError",
+    "ServerError",
     "ServerLostError",
     "ServerProtocolError",
     "UnknownParamTypeError",
@@ -146,7 +149,17 @@ class PluginError(ComfyAPIError):
     """A plugin is broken: a duplicate name, an unknown hook, a bad registration."""
 
 
-class ComfyUIStartupError(ComfyAPIError):
+class ServerError(ComfyAPIError):
+    """An error of one ComfyUI server: ``instance`` names it, ``prompt_id`` the prompt it
+    ended (None when it ended none), ``retryable`` says whether the same work may succeed
+    on another server."""
+
+    instance: str
+    prompt_id: str | None = None
+    retryable: bool = False
+
+
+class ComfyUIStartupError(ServerError):
     """A ComfyUI process we started exited or failed before it was ready.
 
     ``log_tail`` holds the last lines of its log, ``instance`` names it.
@@ -173,7 +186,7 @@ class PortInUseError(ComfyUIStartupError):
         )
 
 
-class ComfyUITimeoutError(ComfyAPIError):
+class ComfyUITimeoutError(ServerError):
     """A server was not ready in time, or a prompt did not finish in time."""
 
     def __init__(
@@ -190,8 +203,10 @@ class ComfyUITimeoutError(ComfyAPIError):
         super().__init__(message)
 
 
-class ServerLostError(ComfyAPIError):
+class ServerLostError(ServerError):
     """The server went away (connection refused, socket closed, process exited)."""
+
+    retryable = True
 
     def __init__(self, instance: str, message: str, *, prompt_id: str | None = None) -> None:
         self.instance = instance
@@ -199,11 +214,13 @@ class ServerLostError(ComfyAPIError):
         super().__init__(f"ComfyUI {instance}: {message}")
 
 
-class ServerProtocolError(ComfyAPIError):
+class ServerProtocolError(ServerError):
     """A server sent a message or an answer that ComfyUI never sends (a wrong type, shape or
     range, not JSON, a reverse proxy's error page): ``detail`` says what was wrong. It costs
     only the prompt it belonged to (``prompt_id``, None for a message of no prompt), which
     runs again on another server."""
+
+    retryable = True
 
     def __init__(self, instance: str, detail: str, *, prompt_id: str | None = None) -> None:
         self.instance = instance
@@ -213,12 +230,14 @@ class ServerProtocolError(ComfyAPIError):
         super().__init__(f"ComfyUI {instance} sent something malformed: {where}{detail}")
 
 
-class PromptVanishedError(ComfyAPIError):
+class PromptVanishedError(ServerError):
     """A prompt left the server's queue without ever running or finishing.
 
     ComfyUI sends no event when a pending prompt is deleted or the queue is cleared by
     another client, and forgets everything on a restart.
     """
+
+    retryable = True
 
     def __init__(self, instance: str, prompt_id: str) -> None:
         self.instance = instance
@@ -248,7 +267,7 @@ def _describe_node_errors(node_errors: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-class WorkflowError(ComfyAPIError):
+class WorkflowError(ServerError):
     """ComfyUI refused the workflow (``POST /prompt`` answered an error).
 
     ``error`` is ComfyUI's ``error`` object (``type``, ``message``, ``details``), ``node_errors``
@@ -286,7 +305,7 @@ class WorkflowError(ComfyAPIError):
         super().__init__(text)
 
 
-class ExecutionError(ComfyAPIError):
+class ExecutionError(ServerError):
     """A node raised while ComfyUI ran the prompt (the ``execution_error`` event).
 
     ``node_outputs`` is what the prompt's output nodes reported before the failure (node id

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._errors import ComfyAPIError, PromptVanishedError, ServerLostError, ServerProtocolError
+from ._errors import ComfyAPIError, ServerError
 
 __all__ = [
     "ApiStatistics",
@@ -539,15 +539,15 @@ class Scheduler:
         slots.release()
 
     def _should_retry(self, task: ShardTask) -> bool:
-        """A shard whose server went away, or whose prompt vanished, runs again elsewhere:
-        it produced nothing we reported, and its old prompt id is never accepted again."""
+        """A shard whose error is retryable (its server went away or sent garbage, its
+        prompt vanished) runs again elsewhere: it produced nothing we reported, and its old
+        prompt id is never accepted again."""
         return (
             task.failed
             and not task.cancelled
             and not self._closed
-            and isinstance(
-                task.outcome, (ServerLostError, PromptVanishedError, ServerProtocolError)
-            )
+            and isinstance(task.outcome, ServerError)
+            and task.outcome.retryable
             and task.attempts < self.max_attempts
         )
 

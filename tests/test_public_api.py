@@ -49,3 +49,25 @@ def test_errors_docstring_draws_every_error() -> None:
     tree = _errors.__doc__ or ""
     for name in _errors.__all__:
         assert name in tree, f"{name} missing from the tree in comfytrio/_errors.py"
+
+
+def test_errors_of_one_server_share_a_base_that_says_whether_to_retry() -> None:
+    retryable = {
+        comfytrio.ServerLostError,
+        comfytrio.ServerProtocolError,
+        comfytrio.PromptVanishedError,
+    }
+    final = {
+        comfytrio.ComfyUIStartupError,
+        comfytrio.PortInUseError,
+        comfytrio.ComfyUITimeoutError,
+        comfytrio.WorkflowError,
+        comfytrio.ExecutionError,
+        comfytrio.ExecutionInterruptedError,
+    }
+    for cls in retryable | final:
+        assert issubclass(cls, comfytrio.ServerError), cls
+        assert cls.retryable is (cls in retryable), cls
+    lost = comfytrio.ServerLostError("gpu-1:8188", "gone", prompt_id="p")
+    assert (lost.instance, lost.prompt_id, lost.retryable) == ("gpu-1:8188", "p", True)
+    assert not issubclass(comfytrio.ParamError, comfytrio.ServerError)
