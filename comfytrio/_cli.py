@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import httpx
 import trio
 from rich.console import Console
@@ -1430,6 +1431,29 @@ def _fake_server(args: argparse.Namespace) -> int:
     return 0
 
 
+# ====================================================================== plugins
+
+
+def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    """List every installed param type and asset resolver, one line each."""
+    try:
+        entries = make_plugin_manager().describe()
+    except PluginError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps([attrs.asdict(e) for e in entries], indent=2), flush=True)
+        return EXIT_OK
+    width = max((len(e.name) for e in entries), default=0)
+    for e in entries:
+        print(f"{e.kind:<14}  {e.name:<{width}}  {e.plugin} ({e.distribution})  {e.summary}")
+    return EXIT_OK
+
+
 # ====================================================================== the parser
 
 
@@ -1451,6 +1475,12 @@ COMMANDS: list[_Command] = [
         "check NVML, a ComfyUI install (--comfyui) and servers (--url); say what to fix",
         _doctor_arguments,
         _doctor,
+    ),
+    _Command(
+        "plugins",
+        "list the installed param types and asset resolvers, one line each",
+        _plugins_arguments,
+        _plugins,
     ),
     _Command(
         "fake-server",

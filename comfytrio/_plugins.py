@@ -14,6 +14,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import attrs
 import pluggy
 
 from . import hookspecs
@@ -21,7 +22,7 @@ from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, Dow
 from ._errors import ComfyAPIError, PluginError
 from .hookspecs import AssetResolver, ParamType
 
-__all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "Plugins", "make_plugin_manager"]
+__all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "PluginEntry", "Plugins", "make_plugin_manager"]
 
 logger = logging.getLogger("comfytrio.plugins")
 
@@ -38,6 +39,14 @@ _RESOLVER_METHODS = ("check", "resolve", "inject")
 def _env_blocked() -> set[str]:
     raw = os.environ.get(BLOCK_ENV_VAR, "")
     return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _summary(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, on one line, without RST
+    literals."""
+    paragraph = " ".join((doc or "").strip().split("\n\n", 1)[0].split())
+    sentence = paragraph.replace("``", "").split(". ", 1)[0]
+    return sentence if sentence.endswith(".") or not sentence else sentence + "."
 
 
 def make_plugin_manager(
@@ -69,6 +78,22 @@ def make_plugin_manager(
     return plugins
 
 
+@attrs.frozen
+class PluginEntry:
+    """One registered param type or asset resolver, as ``Plugins.describe`` lists it."""
+
+    kind: str
+    """``param type`` or ``asset resolver``."""
+    name: str
+    """Its name (a param's ``type``, or the resolver's name)."""
+    plugin: str
+    """The plugin that registered it (its entry-point name)."""
+    distribution: str
+    """The installed distribution and version it comes from."""
+    summary: str
+    """The first sentence of its docstring."""
+
+
 class Plugins:
     """The plugins of one api, with typed access to every hook.
 
@@ -83,6 +108,8 @@ class Plugins:
         """The downloader every job of this manager shares (single-flight per file)."""
         self._param_types: dict[str, ParamType] = {}
         self._resolvers: dict[str, AssetResolver] = {}
+        self._owners: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin name
+        self._distributions: dict[str, str] = {}  # plugin name -> "distribution version"
 
     # ------------------------------------------------------------------ registration
 
@@ -93,7 +120,7 @@ class Plugins:
         loaded: list[str] = []
         seen: dict[str, str] = {}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist is not None else "?"
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "?"
             if ep.name in seen:
                 raise PluginError(
                     f"two plugins are named {ep.name!r}: one from {seen[ep.name]}, one from {dist}"
@@ -107,6 +134,7 @@ class Plugins:
             except Exception as exc:
                 raise PluginError(f"plugin {ep.name!r} ({dist}) failed to import: {exc!r}") from exc
             self._register(plugin, ep.name)
+            self._distributions[ep.name] = dist
             logger.debug("plugin %s loaded from %s (%s)", ep.name, ep.value, dist)
             loaded.append(ep.name)
         return loaded
@@ -156,6 +184,7 @@ class Plugins:
             self.manager.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+        self._owners = {}
         self._param_types = self._collect("register_param_types", "param type", _PARAM_TYPE_METHODS)
         self._resolvers = self._collect(
             "register_asset_resolvers", "asset resolver", _RESOLVER_METHODS
@@ -189,12 +218,34 @@ class Plugins:
                     )
                 found[name] = obj
                 owners[name] = plugin_name
+                self._owners[(what, name)] = plugin_name
 
             arguments = {"register": register}
             impl.function(*[arguments[arg] for arg in impl.argnames])
         return found
 
     # ------------------------------------------------------------------ typed hooks
+
+    def describe(self) -> list[PluginEntry]:
+        """One entry per registered param type and asset resolver: what registered it, from
+        which distribution, and the first sentence of its docstring (``comfytrio plugins``)."""
+        entries = []
+        for kind, registry in (
+            ("param type", self._param_types),
+            ("asset resolver", self._resolvers),
+        ):
+            for name, obj in registry.items():
+                plugin = self._owners.get((kind, name), "?")
+                entries.append(
+                    PluginEntry(
+                        kind=kind,
+                        name=name,
+                        plugin=plugin,
+                        distribution=self._distributions.get(plugin, "registered by hand"),
+                        summary=_summary(type(obj).__doc__),
+                    )
+                )
+        return entries
 
     def param_types(self) -> Mapping[str, ParamType]:
         """Every registered param type, by ``type`` name (a read-only view)."""

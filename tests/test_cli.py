@@ -587,3 +587,20 @@ def test_line_display_writes_changes_once() -> None:
         "job j: 1 shard(s) running",
         "job j: 1/1 shard(s) done",
     ]
+
+
+async def test_plugins_lists_every_type_and_resolver_with_its_plugin() -> None:
+    done = await run_cli("plugins")
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    assert any(
+        line.split()[:5] == ["param", "type", "integer", "std", "(comfytrio"] for line in lines
+    )
+    # The third-party example plugin, installed by the README's test command, is found by
+    # its entry point like the standard one.
+    assert any("size" in line.split() and "example" in line.split() for line in lines)
+    listed = json.loads((await run_cli("plugins", "--json")).stdout)
+    kinds = {(e["kind"], e["name"]): e for e in listed}
+    assert kinds[("asset resolver", "lora-downloads")]["plugin"] == "std"
+    assert kinds[("param type", "size")]["distribution"].startswith("comfytrio-example-plugin ")
+    assert all(e["summary"].endswith(".") for e in listed)
