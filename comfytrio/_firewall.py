@@ -15,10 +15,11 @@ file entries carry ``filename``, ``subfolder`` and ``type`` strings. JSON is rea
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -54,6 +55,26 @@ class Malformed(ValueError):
     """Something a server sent is not what ComfyUI sends; the message says what."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(check: F) -> F:
+    """A check raises ``Malformed`` and nothing else: a shape its code did not foresee (an
+    unhashable value, a recursion too deep) is malformed too, never an error of ours that
+    would escape into the api."""
+
+    @functools.wraps(check)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(*args, **kwargs)
+        except Malformed:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            raise Malformed(f"{check.__name__}: an unexpected shape ({exc!r})") from None
+
+    return cast(F, guarded)
+
+
 def _no_constant(name: str) -> Any:
     raise Malformed(f"{name} is not JSON")
 
@@ -63,6 +84,7 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 each call)."""
 
 
+@_guarded
 def loads(text: str | bytes, what: str) -> Any:
     """Strict JSON (no ``NaN``/``Infinity``); ``Malformed`` naming ``what`` otherwise."""
     try:
@@ -82,6 +104,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+@_guarded
 def message(text: str) -> tuple[str, dict[str, Any]]:
     """A websocket text message: its ``type`` and ``data`` (an object, ``{}`` when absent)."""
     msg = _object(loads(text, "a websocket message"), "a websocket message")
@@ -94,6 +117,7 @@ def message(text: str) -> tuple[str, dict[str, Any]]:
     return kind, _object(data, f"the data of a {kind!r} message")
 
 
+@_guarded
 def number(value: Any, what: str) -> float:
     """A finite number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -101,6 +125,7 @@ def number(value: Any, what: str) -> float:
     return value
 
 
+@_guarded
 def node_id(value: Any, what: str = "node") -> str:
     """A node id: a string, or an integer some custom nodes send."""
     if isinstance(value, str) and value and "\x00" not in value:
@@ -110,6 +135,7 @@ def node_id(value: Any, what: str = "node") -> str:
     raise Malformed(f"{what} is {value!r}, not a node id")
 
 
+@_guarded
 def queue_remaining(data: Mapping[str, Any]) -> int:
     """``status.exec_info.queue_remaining`` of a ``status`` message."""
     status = _object(data.get("status"), "status")
@@ -120,6 +146,7 @@ def queue_remaining(data: Mapping[str, Any]) -> int:
     return value
 
 
+@_guarded
 def cached_nodes(value: Any) -> tuple[str, ...]:
     """``execution_cached.nodes``: a list of node ids."""
     if value is None:
@@ -129,6 +156,7 @@ def cached_nodes(value: Any) -> tuple[str, ...]:
     return tuple(node_id(n, "a cached node") for n in value)
 
 
+@_guarded
 def text_list(value: Any, what: str) -> list[str]:
     """A list of strings (a traceback)."""
     if value is None:
@@ -155,6 +183,7 @@ def _relative(value: Any, what: str, *, empty: bool) -> str:
     return name
 
 
+@_guarded
 def output(value: Any, node: str) -> dict[str, Any]:
     """One output node's ``output`` (``ui``): an object; its file entries (objects with a
     ``filename``) must name a file as ComfyUI does. Other values (text, numbers) pass."""
@@ -167,11 +196,12 @@ def output(value: Any, node: str) -> dict[str, Any]:
                 _relative(item["filename"], f"a file name of node {node}", empty=False)
                 _relative(item.get("subfolder", ""), f"a sub-folder of node {node}", empty=True)
                 kind = item.get("type", "output")
-                if kind not in _FILE_TYPES:
+                if not isinstance(kind, str) or kind not in _FILE_TYPES:
                     raise Malformed(f"a file of node {node} has the type {kind!r}")
     return result
 
 
+@_guarded
 def outputs(value: Any) -> dict[str, dict[str, Any]]:
     """A prompt's outputs (``/history`` entry): node id -> ``output``."""
     if value is None:
@@ -191,6 +221,7 @@ class ErrorReport:
     traceback: list[str]
 
 
+@_guarded
 def error_report(data: Mapping[str, Any]) -> ErrorReport:
     """The data of an ``execution_error`` or ``execution_interrupted`` message."""
     node = data.get("node_id")
@@ -210,6 +241,7 @@ def error_report(data: Mapping[str, Any]) -> ErrorReport:
     )
 
 
+@_guarded
 def history_entry(
     entry: Any,
 ) -> tuple[ErrorReport | None, ErrorReport | None, dict[str, dict[str, Any]], tuple[str, ...]]:
@@ -237,6 +269,7 @@ def history_entry(
     return error, interrupted, outputs(found.get("outputs")), cached
 
 
+@_guarded
 def prompt_answer(answer: Any) -> tuple[float, dict[str, Any]]:
     """A 200 answer of ``POST /prompt``: its queue number and ``node_errors``."""
     found = _object(answer, "the answer of POST /prompt")
@@ -244,6 +277,7 @@ def prompt_answer(answer: Any) -> tuple[float, dict[str, Any]]:
     return number(found.get("number", 0), "number"), _object(node_errors, "node_errors")
 
 
+@_guarded
 def queue_ids(answer: Any) -> tuple[set[str], set[str]]:
     """The prompt ids of a ``/queue`` answer: (running, pending)."""
     found = _object(answer, "the answer of /queue")
@@ -259,6 +293,7 @@ def queue_ids(answer: Any) -> tuple[set[str], set[str]]:
     return ids[0], ids[1]
 
 
+@_guarded
 def queue_answer(answer: Any) -> dict[str, Any]:
     """A ``/queue`` answer, checked (``queue_ids`` reads it)."""
     queue_ids(answer)
@@ -266,6 +301,7 @@ def queue_answer(answer: Any) -> dict[str, Any]:
     return found
 
 
+@_guarded
 def history_answer(answer: Any) -> dict[str, dict[str, Any]]:
     """A ``/history/{id}`` answer: prompt id -> entry (an object; ``history_entry`` reads
     it)."""
@@ -275,6 +311,7 @@ def history_answer(answer: Any) -> dict[str, dict[str, Any]]:
     return found
 
 
+@_guarded
 def model_names(answer: Any) -> list[str]:
     """``/models/{folder}``: a list of file names."""
     if not isinstance(answer, list) or not all(isinstance(n, str) for n in answer):
@@ -282,6 +319,7 @@ def model_names(answer: Any) -> list[str]:
     return list(answer)
 
 
+@_guarded
 def upload_answer(answer: Any) -> tuple[str, str]:
     """``POST /upload/image``: the stored ``name`` and ``subfolder``."""
     found = _object(answer, "the answer of the upload")
@@ -290,6 +328,7 @@ def upload_answer(answer: Any) -> tuple[str, str]:
     return name, sub
 
 
+@_guarded
 def system_stats(answer: Any) -> dict[str, Any]:
     """``/system_stats``: an object (its ``system`` an object too, when present)."""
     found = _object(answer, "the answer of /system_stats")
@@ -302,6 +341,7 @@ def system_stats(answer: Any) -> dict[str, Any]:
     return found
 
 
+@_guarded
 def object_info(answer: Any) -> dict[str, Any]:
     """``/object_info``: node class -> its description (an object)."""
     return _object(answer, "the answer of /object_info")

@@ -236,3 +236,22 @@ async def test_a_local_servers_output_name_never_leaves_its_folder(
         with pytest.raises(ServerProtocolError, match="would leave its folder") as info:
             await api.run_workflow(JOB, params=params("local", 1))
     assert info.value.instance == api.instances[0].name
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"images": [{"filename": "a.png", "subfolder": "", "type": []}]},  # found by hypothesis
+        {"images": [{"filename": ["a.png"]}]},
+        {"images": [{"filename": "a.png", "subfolder": {"x": 1}}]},
+        [],
+        "boom",
+    ],
+)
+def test_the_firewall_raises_only_malformed(output: Any) -> None:
+    from comfytrio import _firewall as firewall
+
+    with pytest.raises(firewall.Malformed):
+        firewall.output(output, "9")
+    with pytest.raises(firewall.Malformed):
+        firewall.history_entry({"outputs": {"9": output}, "status": {}})
