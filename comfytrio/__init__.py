@@ -43,6 +43,7 @@ from ._events import NodeStarted as NodeStarted
 from ._events import PromptFinished as PromptFinished
 from ._events import PromptStarted as PromptStarted
 from ._events import QueueStatus as QueueStatus
+from ._instance import InstanceState as InstanceState
 from ._plan import JobPlan as JobPlan
 from ._plan import ShardPlan as ShardPlan
 from ._plan import plan_job as plan_job

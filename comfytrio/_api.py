@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._files import output_path
 from ._gpu import detect_gpus
-from ._instance import Instance
+from ._instance import Instance, InstanceState
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
@@ -63,6 +63,18 @@ inputs but counts them in its cache key, so an output node never replays the fil
 job, another shard of the same job, or an earlier attempt of the same shard."""
 
 
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Run every wait at once; return when the first returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
+
+
 class ComfyAPI:
     """Run workflows on several ComfyUI servers at once; use as ``async with``.
 
@@ -73,7 +85,9 @@ class ComfyAPI:
     ``--cpu``. Leaving the block stops every process we started (SIGTERM, then SIGKILL after
     ``grace`` seconds), whatever exception is in flight.
 
-    Arguments: ``models_path`` (models root, ``checkpoints/``, ``loras/``, ...); ``gpu``
+    Arguments: ``models_path`` (models root, ``checkpoints/``, ``loras/``, ...; default:
+    the ``models/`` folder of the first local install, and none when every server is
+    remote, whose models are checked through its ``/models`` route); ``gpu``
     (``GPUInfo``; None detects with NVML); ``ready_timeout`` (seconds for a server to answer
     ``/system_stats``); ``execution_timeout`` (seconds a shard may run, counted from when
     its prompt starts to run on its server, default an hour: time in the server's queue is
@@ -102,7 +116,7 @@ class ComfyAPI:
     def __init__(
         self,
         instances: Sequence[ComfyUIInstance | RemoteComfyUI | str],
-        models_path: str | Path,
+        models_path: str | Path | None = None,
         *,
         gpu: GPUInfo | None = None,
         auto_start: bool = True,
@@ -125,7 +139,12 @@ class ComfyAPI:
         if min_instances < 1:
             raise ValueError(f"min_instances must be at least 1, got {min_instances}")
         self.min_instances = min_instances
-        self.models_path = Path(models_path).resolve()
+        local = [i for i in instances if isinstance(i, ComfyUIInstance)]
+        if models_path is None and local:  # ComfyUI's own models folder
+            models_path = Path(local[0].path) / "models"
+        self.models_path: Path | None = (
+            Path(models_path).resolve() if models_path is not None else None
+        )
         self.gpu = gpu if gpu is not None else detect_gpus()
         self.auto_start = auto_start
         self.ready_timeout = ready_timeout
@@ -272,18 +291,17 @@ class ComfyAPI:
                     nursery.cancel_scope.cancel()
 
     async def _watch_capacity(self) -> None:
-        """Fail the queued shards when no instance could take them for a long time, so no
-        job waits forever on servers that are all gone."""
+        """Fail the queued shards when no instance could take them for
+        ``no_instance_timeout`` seconds, so no job waits forever on servers that are all
+        gone; then fail each shard queued until one can again. Woken by the instances'
+        state changes and the queue, never by a timer of its own."""
         limit = self.faults.no_instance_timeout
-        since: float | None = None
         while True:
-            await trio.sleep(min(0.5, limit / 4))
-            if any(i.healthy for i in self.instances):
-                since = None
+            await self._wait_none_healthy()
+            with trio.move_on_after(limit):
+                await self._wait_some_healthy()
                 continue
-            now = trio.current_time()
-            since = now if since is None else since
-            if now - since >= limit:
+            while not any(i.healthy for i in self.instances):
                 count = self._scheduler.fail_queued(
                     ServerLostError(
                         "all",
@@ -293,6 +311,18 @@ class ComfyAPI:
                 )
                 if count:
                     logger.error("failed %d queued shard(s): no healthy instance", count)
+                await _first_of(self._wait_some_healthy, self._scheduler.wait_queued)
+
+    async def _wait_none_healthy(self) -> None:
+        """Until no instance is healthy. Waiting on each healthy one in turn is enough: the
+        one waited on is healthy, so the last to go is always one waited on."""
+        while healthy := [i for i in self.instances if i.healthy]:
+            while healthy[0].healthy:
+                await healthy[0].wait_state_change()
+
+    async def _wait_some_healthy(self) -> None:
+        """Until some instance is healthy (at once if one is)."""
+        await _first_of(*(i.wait_healthy for i in self.instances))
 
     async def _start_all(self, nursery: trio.Nursery) -> None:
         """Start (or connect to) every instance at once; return once each has had its first
@@ -312,7 +342,7 @@ class ComfyAPI:
                 with unwrapped(ComfyAPIError):
                     await nursery.start(instance.serve)
             except ComfyAPIError as exc:  # our process could not start
-                instance.last_error, instance.state = exc, "failed"
+                instance.last_error, instance.state = exc, InstanceState.FAILED
                 failed.append(exc)
                 logger.error("ComfyUI %s could not be started: %s", instance.name, exc)
             else:
@@ -328,7 +358,9 @@ class ComfyAPI:
                 await instance.tried.wait()
             await settled.wait()
         if len(ready) >= need:
-            waiting = [i.name for i in self.instances if i not in ready and i.state != "failed"]
+            waiting = [
+                i.name for i in self.instances if i not in ready and i.state != InstanceState.FAILED
+            ]
             logger.info(
                 "%d ComfyUI instance(s) ready%s",
                 len(ready),
@@ -497,7 +529,7 @@ class ComfyAPI:
 
     def _ready_instances(self) -> list[Instance]:
         """The instances ready now; ``ComfyAPIError`` when there are none."""
-        ready = [i for i in self.instances if i.state == "ready"]
+        ready = [i for i in self.instances if i.state == InstanceState.READY]
         if not ready:
             raise ComfyAPIError("no ComfyUI instance is ready to run the job")
         return ready

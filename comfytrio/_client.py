@@ -309,6 +309,7 @@ class ComfyClient:
     _subscribers: list[trio.MemorySendChannel[ComfyEvent]] = attrs.field(factory=list, init=False)
     _connected: bool = attrs.field(default=False, init=False)
     _connected_event: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _connection_listeners: list[Callable[[], None]] = attrs.field(factory=list, init=False)
     _queue_remaining: int = attrs.field(default=0, init=False)
     _reconnects: int = attrs.field(default=0, init=False)
     _dropped: int = attrs.field(default=0, init=False)
@@ -340,6 +341,7 @@ class ComfyClient:
                         self._ws = ws
                         self._connected = True
                         self._connected_event.set()
+                        self._connection_changed()
                         if first:
                             first = False
                             nursery.start_soon(self._watch_silence)
@@ -367,6 +369,7 @@ class ComfyClient:
                 if self._connected:
                     self._connected = False
                     self._connected_event = trio.Event()
+                    self._connection_changed()
                     for watch in self._watches.values():
                         watch.gap = True
                 now = trio.current_time()
@@ -424,6 +427,15 @@ class ComfyClient:
     async def wait_connected(self) -> None:
         """Block until the websocket is up."""
         await self._connected_event.wait()
+
+    def add_connection_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` each time the websocket goes up or down (``connected``
+        changes). It runs in the client's task, so it must return quickly and not block."""
+        self._connection_listeners.append(callback)
+
+    def _connection_changed(self) -> None:
+        for callback in self._connection_listeners:
+            callback()
 
     def statistics(self) -> ClientStatistics:
         """A frozen snapshot of this client's state."""

@@ -7,6 +7,7 @@ an ``input_dir`` to write into, a remote one takes uploads.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -30,9 +31,35 @@ from ._errors import ComfyAPIError
 from ._files import output_path
 from ._process import LaunchSpec, RunningProcess, run_comfyui
 
-__all__ = ["Instance"]
+__all__ = ["Instance", "InstanceState"]
 
 logger = logging.getLogger("comfytrio.instance")
+
+
+class InstanceState(enum.StrEnum):
+    """Where an instance is in its life. A ``str``: each member equals its value
+    (``InstanceState.READY == "ready"``), so code that compares plain strings keeps working.
+
+    Only ``READY`` takes work, and only while its websocket is up (``Instance.healthy``).
+    """
+
+    NEW = "new"
+    """Not started (or attached to) yet."""
+    STARTING = "starting"
+    """Our process is starting, or restarting after it died."""
+    CONNECTING = "connecting"
+    """A server we did not start, tried (with backoff) until it answers."""
+    READY = "ready"
+    """It answers: it takes work while its websocket is up."""
+    HUNG = "hung"
+    """A server we did not start gave no sign of life for ``hang_timeout``: it takes no
+    work until it answers again (one of ours is killed and restarted instead)."""
+    DOWN = "down"
+    """Our process died; it is restarted after a backoff."""
+    FAILED = "failed"
+    """Given up: our process could not start, or died more than ``max_restarts`` times."""
+    STOPPED = "stopped"
+    """The api closed (or it stopped being served)."""
 
 
 class _Started:
@@ -80,9 +107,7 @@ class Instance:
     """The client, once connected."""
     process: RunningProcess | None = None
     """Our process, once started."""
-    state: str = "new"
-    """``new``, ``starting`` (our process), ``connecting`` (a server we did not start, until
-    it answers), ``ready``, ``hung``, ``down``, ``failed`` (given up) or ``stopped``."""
+    _state: InstanceState = attrs.field(default=InstanceState.NEW, alias="state")
     last_error: ComfyAPIError | None = None
     """Why it is not ready, when it could not be started or reached."""
     tried: trio.Event = attrs.Factory(trio.Event)
@@ -106,11 +131,42 @@ class Instance:
     hangs: int = 0
     """How often it was found hung."""
     _output_classes: frozenset[str] | None = None
+    _changed: trio.lowlevel.ParkingLot = attrs.field(
+        factory=trio.lowlevel.ParkingLot, init=False, repr=False
+    )
+
+    @property
+    def state(self) -> InstanceState:
+        """Where it is in its life (``InstanceState``); each change wakes
+        ``wait_state_change`` and ``wait_healthy``."""
+        return self._state
+
+    @state.setter
+    def state(self, value: InstanceState) -> None:
+        value = InstanceState(value)
+        if value != self._state:
+            self._state = value
+            self._notify()
+
+    def _notify(self) -> None:
+        """Its state or its websocket changed: wake whoever waits on it."""
+        self._changed.unpark_all()
+
+    async def wait_state_change(self) -> None:
+        """Block until its state changes, or its websocket goes up or down."""
+        await self._changed.park()
+
+    async def wait_healthy(self) -> None:
+        """Block until it is ``healthy`` (return at once if it is)."""
+        while not self.healthy:
+            await self._changed.park()
 
     @property
     def healthy(self) -> bool:
         """Ready, and its websocket is up: it may take work."""
-        return self.state == "ready" and self.client is not None and self.client.connected
+        return (
+            self._state is InstanceState.READY and self.client is not None and self.client.connected
+        )
 
     @property
     def malformed(self) -> int:
@@ -131,7 +187,7 @@ class Instance:
         """Start (or attach to) the server, connect the client, report ready, then watch its
         health until cancelled: a process of ours that exits is restarted with backoff, a
         server that stops answering is treated as crashed."""
-        self.state = "starting" if self.owned else "connecting"
+        self.state = InstanceState.STARTING if self.owned else InstanceState.CONNECTING
         try:
             async with trio.open_nursery() as nursery:
                 if self.launch is not None:
@@ -148,26 +204,28 @@ class Instance:
                     logger.warning(
                         "ComfyUI %s: /object_info failed (%s); will ask again", self.name, exc
                     )
-                self.state = "ready"
+                self.state = InstanceState.READY
                 self.tried.set()
                 task_status.started()
                 await self._watch_health()
         finally:
             self.tried.set()
-            if self.state not in ("down", "failed"):
-                self.state = "stopped"
+            if self.state not in (InstanceState.DOWN, InstanceState.FAILED):
+                self.state = InstanceState.STOPPED
             if self.client is not None:
                 with trio.CancelScope(shield=True):
                     await self.client.aclose()
 
     async def _connect_client(self, nursery: trio.Nursery) -> ComfyClient:
-        return await connect_comfy_client(
+        client = await connect_comfy_client(
             nursery,
             self.url,
             name=self.name,
             ssl_context=self.ssl_context,
             **self.client_options,
         )
+        client.add_connection_listener(self._notify)  # a reconnect may make it healthy
+        return client
 
     async def _attach(self, nursery: trio.Nursery) -> None:
         """Connect to a server we did not start, trying until it answers (with backoff, at
@@ -211,7 +269,7 @@ class Instance:
                 if first:
                     task_status.started(process)
                 else:
-                    self.state = "ready"
+                    self.state = InstanceState.READY
                     logger.warning("ComfyUI %s restarted (pid %d)", self.name, process.pid)
 
             try:
@@ -222,18 +280,18 @@ class Instance:
                     raise
                 why = f"its restart failed: {exc}"
             first = False
-            self.state = "down"
+            self.state = InstanceState.DOWN
             logger.error("ComfyUI %s is down: %s", self.name, why)
             if self.client is not None:
                 self.client.mark_lost(why)
             if self.restarts >= self.max_restarts:
-                self.state = "failed"
+                self.state = InstanceState.FAILED
                 logger.error("ComfyUI %s: giving up after %d restart(s)", self.name, self.restarts)
                 return
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             self.restarts += 1
-            self.state = "starting"
+            self.state = InstanceState.STARTING
 
     async def _watch_health(self) -> None:
         """Watch for signs of life: a ``/system_stats`` probe that answers, or any message
@@ -256,10 +314,10 @@ class Instance:
             now = trio.current_time()
             if failure is None:
                 last_answer = now
-                if self.state == "hung":
+                if self.state is InstanceState.HUNG:
                     logger.warning("ComfyUI %s answers again", self.name)
                     await client.cancel_abandoned()
-                    self.state = "ready"
+                    self.state = InstanceState.READY
                 continue
             silent = now - max(last_answer, client.last_message_at)
             if silent < self.hang_timeout:
@@ -270,7 +328,7 @@ class Instance:
                     silent,
                 )
                 continue
-            if self.state != "ready":
+            if self.state is not InstanceState.READY:
                 continue
             self.hangs += 1
             why = f"it gave no sign of life for {silent:.0f} s (last probe: {failure})"
@@ -280,7 +338,7 @@ class Instance:
                     os.killpg(self.process.pid, signal.SIGKILL)
             else:
                 logger.error("ComfyUI %s: %s: no work goes to it until it answers", self.name, why)
-                self.state = "hung"
+                self.state = InstanceState.HUNG
                 client.mark_lost(why)
 
     async def _probe(self, client: ComfyClient, deadline: float) -> str | None:

@@ -31,6 +31,7 @@ from rich.text import Text
 from ._api import ComfyAPI
 from ._client import ComfyClient
 from ._events import ComfyEvent, NodeProgress, NodeStarted, PromptFinished, PromptStarted
+from ._instance import InstanceState
 from ._scheduler import ApiStatistics
 
 __all__ = [
@@ -69,10 +70,9 @@ class InstanceProgress:
 
     name: str
     """The instance's name (``host:port``)."""
-    state: str = "new"
-    """The instance's state: ``new``, ``starting`` (our process), ``connecting`` (a server
-    we did not start, until it answers), ``ready``, ``down``, ``hung``, ``failed`` or
-    ``stopped``."""
+    state: str = InstanceState.NEW
+    """The instance's state (an ``InstanceState``: ``new``, ``starting``, ``connecting``,
+    ``ready``, ``hung``, ``down``, ``failed`` or ``stopped``)."""
     running: str | None = None
     """The prompt running on it now, if we know."""
     node: str | None = None
@@ -95,9 +95,9 @@ class InstanceProgress:
     @property
     def label(self) -> str:
         """The state in words: ``running`` while it has our prompts, else its state."""
-        if self.state == "ready" and self.in_flight:
+        if self.state == InstanceState.READY and self.in_flight:
             return "running"
-        if self.state == "ready":
+        if self.state == InstanceState.READY:
             return "idle"
         return self.state
 
@@ -188,7 +188,9 @@ class ProgressState:
     @property
     def all_ready(self) -> bool:
         """True when every instance answered (and none is down)."""
-        return bool(self.instances) and all(v.state == "ready" for v in self.instances.values())
+        return bool(self.instances) and all(
+            v.state == InstanceState.READY for v in self.instances.values()
+        )
 
 
 class Display(Protocol):
@@ -218,11 +220,11 @@ def render(state: ProgressState) -> RenderableType:
     styles = {
         "running": "green",
         "idle": "cyan",
-        "starting": "yellow",
-        "connecting": "yellow",
-        "down": "red",
-        "hung": "red",
-        "failed": "red",
+        InstanceState.STARTING: "yellow",
+        InstanceState.CONNECTING: "yellow",
+        InstanceState.DOWN: "red",
+        InstanceState.HUNG: "red",
+        InstanceState.FAILED: "red",
     }
     for view in state.instances.values():
         label = view.label
@@ -308,7 +310,7 @@ class LineDisplay:
             previous = self._states.get(view.name)
             if view.state != previous:
                 self._states[view.name] = view.state
-                if view.state in ("starting", "connecting", "ready", "down", "hung", "failed"):
+                if view.state not in (InstanceState.NEW, InstanceState.STOPPED):
                     self._say(f"{view.name}: {view.state}")
         if state.all_ready and not self._ready_said:
             self._ready_said = True

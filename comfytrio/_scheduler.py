@@ -67,11 +67,17 @@ class _Worker(Protocol):
     """What the scheduler needs of an instance."""
 
     name: str
-    state: str
+
+    @property
+    def state(self) -> str:
+        """Its ``InstanceState`` (shown in statistics)."""
 
     @property
     def healthy(self) -> bool:
         """Whether it may take work now."""
+
+    async def wait_healthy(self) -> None:
+        """Block until ``healthy`` (return at once if it is)."""
 
 
 @attrs.frozen
@@ -81,7 +87,8 @@ class InstanceStatistics:
     name: str
     """The instance."""
     state: str
-    """``starting``, ``ready``, ``down``, ``stopped``."""
+    """Its ``InstanceState`` (``new``, ``starting``, ``connecting``, ``ready``, ``hung``,
+    ``down``, ``failed`` or ``stopped``)."""
     in_flight: int
     """Our prompts inside its ComfyUI now (running or queued there)."""
     busy_time: float
@@ -253,6 +260,7 @@ class Scheduler:
         self._idle_lot = trio.lowlevel.ParkingLot()  # workers with no prompt in flight
         self._busy_lot = trio.lowlevel.ParkingLot()  # workers with a free second slot
         self._reserved = 0  # idle workers woken for new shards that have not taken yet
+        self._queued_lot = trio.lowlevel.ParkingLot()  # wait_queued: until a shard waits
         self._counters: dict[str, _Counters] = {}
         self._workers: dict[str, _Worker] = {}
         self._jobs: dict[str, _Job] = {}
@@ -426,6 +434,7 @@ class Scheduler:
     def _wake(self, count: int) -> None:
         """Wake workers for ``count`` new shards: idle ones first, so the shards of one job
         spread over idle GPUs instead of queueing twice on one; busy ones for the rest."""
+        self._queued_lot.unpark_all()
         woken = len(self._idle_lot.unpark(count=count))
         self._reserved += woken
         if count > woken:
@@ -452,7 +461,7 @@ class Scheduler:
             if not instance.healthy:
                 if self._queue:
                     self._wake(1)  # hand the wake-up on to a worker that can take it
-                await trio.sleep(0.2)
+                await instance.wait_healthy()
                 continue
             idle = counters.in_flight == 0
             spare = len(self._queue) - (0 if idle else self._reserved)
@@ -577,6 +586,11 @@ class Scheduler:
             failed += 1
         self._admit()
         return failed
+
+    async def wait_queued(self) -> None:
+        """Block until a shard waits in the queue (return at once if one does)."""
+        while not self._queue:
+            await self._queued_lot.park()
 
     async def wait_drained(self) -> None:
         """After ``close``: until every shard that was running has ended (its prompt removed

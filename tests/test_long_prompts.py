@@ -23,6 +23,8 @@ from comfytrio import (
     ExecutionError,
     FaultPolicy,
     GPUInfo,
+    ModelNotFoundError,
+    ModelRef,
     RemoteComfyUI,
 )
 from comfytrio.testing import FakeComfyUI
@@ -194,12 +196,12 @@ async def test_a_server_that_reports_progress_is_alive_though_its_probes_fail(
         # Once it is quiet, the failing probes are all there is: hung in hang_timeout.
         client = api.instances[0].client
         assert client is not None
-        while api.instances[0].state != "hung":  # noqa: ASYNC110 (states are not signalled yet)
-            await trio.sleep(1.0)
+        while api.instances[0].state != "hung":
+            await api.instances[0].wait_state_change()
         assert 60.0 <= trio.current_time() - client.last_message_at <= 62.0
         proxy.refuse_probes = False
-        while api.instances[0].state != "ready":  # noqa: ASYNC110
-            await trio.sleep(1.0)
+        while api.instances[0].state != "ready":
+            await api.instances[0].wait_state_change()
         assert api.statistics().instances[0].hangs == 1
 
 
@@ -235,8 +237,7 @@ async def test_an_unreachable_server_does_not_stop_the_others_and_joins_later(
             api.instances[2].name,
         }
         late = await fake_comfyui_factory(port=late_port)
-        while api.instances[1].state != "ready":  # noqa: ASYNC110
-            await trio.sleep(1.0)
+        await api.instances[1].wait_healthy()
         result = await api.run_workflow(JOB, params=params("three", 3))
         assert {o.instance for o in result.outputs} == {i.name for i in api.instances}
     assert len(late.prompts_received) == 1
@@ -341,3 +342,24 @@ async def test_closing_the_api_removes_the_running_prompts_from_their_servers(
 def idle(fake: FakeComfyUI) -> bool:
     """Nothing runs on ``fake`` and nothing waits in its queue."""
     return fake.running_id is None and not fake.queue_ids()
+
+
+async def test_remote_servers_need_no_models_folder(
+    fake_comfyui: FakeComfyUI, tmp_path: Path
+) -> None:
+    fake_comfyui.add_model("checkpoints", "juggernaut_xl.safetensors")
+    api = ComfyAPI([fake_comfyui.url], gpu=GPUInfo(False, 0), download_dir=tmp_path / "out")
+    assert api.models_path is None
+    async with api:
+        result = await api.run_workflow(
+            JOB,
+            params=params("remote", 1),
+            models=[ModelRef("checkpoints", "juggernaut_xl.safetensors")],
+        )
+        with pytest.raises(ModelNotFoundError, match=r"checkpoints/missing\.safetensors"):
+            await api.run_workflow(
+                JOB,
+                params=params("remote", 1),
+                models=[ModelRef("checkpoints", "missing.safetensors")],
+            )
+    assert len(result.outputs) == 1

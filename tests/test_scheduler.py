@@ -187,6 +187,11 @@ class Box:
     state: str = "ready"
     healthy: bool = True
 
+    async def wait_healthy(self) -> None:
+        """A box never changes: healthy now, or never."""
+        if not self.healthy:
+            await trio.sleep_forever()
+
 
 async def test_a_cancelled_job_never_reaches_a_server() -> None:
     ran: list[str] = []
