@@ -48,6 +48,7 @@ from ._plan import JobPlan as JobPlan
 from ._plan import ShardPlan as ShardPlan
 from ._plan import plan_job as plan_job
 from ._plan import validate_params as validate_params
+from ._plugins import PluginEntry as PluginEntry
 from ._plugins import Plugins as Plugins
 from ._plugins import make_plugin_manager as make_plugin_manager
 from ._scheduler import ApiStatistics as ApiStatistics
