@@ -42,6 +42,7 @@ from ._errors import (
     ExecutionError,
     ParamError,
     PluginError,
+    UnknownParamTypeError,
     single_error,
     unwrapped,
 )
@@ -300,8 +301,9 @@ def build_params(
     param of that explicit type). A key that is none of these becomes a param for that title,
     so ``validate_params`` reports it with the titles that exist.
 
-    Raises ``UsageError`` for an assignment without ``=``, ``ParamError`` for a value its
-    type refuses.
+    Raises ``UsageError`` for an assignment without ``=``, ``UnknownParamTypeError`` for
+    ``TITLE:TYPE`` with a title of the workflow and a type no plugin provides (listing those
+    installed), ``ParamError`` for a value its type refuses.
     """
     params: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (file_params or {}).items()}
     by_title: dict[str, str] = {}
@@ -320,8 +322,11 @@ def build_params(
         else:
             title, explicit = key, None
             head, colon, tail = key.rpartition(":")
-            if colon and tail in types and not node_ids_by_title(workflow, key):
-                title, explicit = head, tail
+            if colon and not node_ids_by_title(workflow, key):
+                if tail in types:
+                    title, explicit = head, tail
+                elif node_ids_by_title(workflow, head):  # TITLE:TYPE with a type not installed
+                    raise UnknownParamTypeError(head, tail, sorted(types))
             name = title
             params[name] = {
                 "type": explicit or infer_param_type(workflow, title, raw),

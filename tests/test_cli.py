@@ -19,7 +19,7 @@ import trio
 from conftest import WORKFLOWS, free_port, free_port_run, png_bytes
 from rich.console import Console
 
-from comfytrio import ParamError
+from comfytrio import ParamError, UnknownParamTypeError
 from comfytrio._cli import (
     UsageError,
     build_params,
@@ -119,6 +119,25 @@ def test_bad_values_name_the_param() -> None:
         build_params(workflow(), [("--param", "API - BATCH SIZE=x")])
     with pytest.raises(UsageError, match="TITLE=VALUE"):
         build_params(workflow(), [("--param", "API - STEP")])
+
+
+def test_an_unknown_type_is_named_with_the_types_installed() -> None:
+    with pytest.raises(UnknownParamTypeError) as info:
+        build_params(
+            workflow(SDXL), [("--param", "API - STEP:colour=red")], known_types=["integer", "seed"]
+        )
+    assert (info.value.param, info.value.type_name) == ("API - STEP", "colour")
+    assert "unknown type 'colour'; known types: integer, seed" in str(info.value)
+
+
+async def test_an_unknown_type_on_the_command_line_exits_2() -> None:
+    done = await run_cli(
+        "run", str(SDXL), "--url", "http://127.0.0.1:9", "--param", "API - STEP:colour=red"
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    assert "unknown type 'colour'" in err
+    assert "integer" in err  # the types installed
 
 
 def test_model_and_lora_syntax() -> None:
