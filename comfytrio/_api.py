@@ -602,11 +602,12 @@ class ComfyAPI:
         """The shard's outputs as files here: read in place on a local instance, else
         downloaded, all of the shard's files at once (at most ``_DOWNLOADS_PER_SHARD``)."""
         folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
+        files = result.files  # walked once: each access reads the outputs again
         try:
-            paths: list[Path | None] = [instance.local_path(ref) for ref in result.files]
+            paths: list[Path | None] = [instance.local_path(ref) for ref in files]
             dests = {
                 i: output_path(folder, ref.subfolder, ref.filename)
-                for i, ref in enumerate(result.files)
+                for i, ref in enumerate(files)
                 if paths[i] is None
             }
         except UnsafeNameError as exc:  # the server's names, not the caller's
@@ -622,7 +623,7 @@ class ComfyAPI:
             limit = trio.Semaphore(_DOWNLOADS_PER_SHARD)
 
             def fetching(index: int) -> Callable[[], Awaitable[None]]:
-                ref = result.files[index]
+                ref = files[index]
 
                 async def fetch() -> None:
                     async with limit:
@@ -646,7 +647,7 @@ class ComfyAPI:
                 subfolder=ref.subfolder,
                 type=ref.type,
             )
-            for ref, path in zip(result.files, paths, strict=True)
+            for ref, path in zip(files, paths, strict=True)
         ]
 
     def statistics(self) -> ApiStatistics:

@@ -480,6 +480,8 @@ class Scheduler:
     def _pop_for(self, instance: _Worker) -> ShardTask | None:
         """The first queued shard for ``instance``: one that was lost on it before goes to
         another healthy instance if there is one (the first ``_LOOK_AHEAD`` are looked at)."""
+        if instance.name not in self._queue[0].previous_instances:  # the usual case
+            return self._queue.popleft()
         others = any(w.healthy for name, w in self._workers.items() if name != instance.name)
         for i, task in enumerate(self._queue):
             if i >= _LOOK_AHEAD:
