@@ -25,7 +25,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import attrs
 import trio
@@ -74,6 +74,21 @@ _MODEL_FOLDERS = (
 )
 
 
+class _Below:
+    """A read-only attribute of ``InstanceDirs``: the file or folder ``name`` in its root."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, dirs: None, owner: type[InstanceDirs]) -> _Below: ...
+    @overload
+    def __get__(self, dirs: InstanceDirs, owner: type[InstanceDirs]) -> Path: ...
+    def __get__(self, dirs: InstanceDirs | None, owner: type[InstanceDirs]) -> Path | _Below:
+        return self if dirs is None else dirs.root / self.name
+
+
 @attrs.frozen
 class InstanceDirs:
     """The folders and files that belong to one instance and to no other."""
@@ -81,40 +96,16 @@ class InstanceDirs:
     root: Path
     """The instance's state folder; everything below lives in it."""
 
-    @property
-    def input(self) -> Path:
-        """``--input-directory``."""
-        return self.root / "input"
-
-    @property
-    def output(self) -> Path:
-        """``--output-directory``."""
-        return self.root / "output"
-
-    @property
-    def temp(self) -> Path:
-        """``--temp-directory`` (ComfyUI uses ``temp/temp`` below it)."""
-        return self.root / "temp"
-
-    @property
-    def user(self) -> Path:
-        """``--user-directory`` (must exist before ComfyUI starts)."""
-        return self.root / "user"
-
-    @property
-    def database(self) -> Path:
-        """The sqlite file given with ``--database-url``."""
-        return self.root / "comfyui.db"
-
-    @property
-    def log(self) -> Path:
-        """Where the process's stdout and stderr go."""
-        return self.root / "comfyui.log"
-
-    @property
-    def model_paths_config(self) -> Path:
-        """The ``extra_model_paths`` YAML that points ComfyUI at ``models_path``."""
-        return self.root / "extra_model_paths.yaml"
+    input = _Below("input", "``--input-directory``.")
+    output = _Below("output", "``--output-directory``.")
+    temp = _Below("temp", "``--temp-directory`` (ComfyUI uses ``temp/temp`` below it).")
+    user = _Below("user", "``--user-directory`` (must exist before ComfyUI starts).")
+    database = _Below("comfyui.db", "The sqlite file given with ``--database-url``.")
+    log = _Below("comfyui.log", "Where the process's stdout and stderr go.")
+    model_paths_config = _Below(
+        "extra_model_paths.yaml",
+        "The ``extra_model_paths`` YAML that points ComfyUI at ``models_path``.",
+    )
 
     def create(self) -> None:
         """Make every folder (blocking; call it in a thread)."""

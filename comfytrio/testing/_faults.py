@@ -1,5 +1,10 @@
-"""Faults a test switches on while the fake runs: failing nodes, crashes, hangs, and the
-hostile mode (malformed answers and websocket messages)."""
+"""The state of the faults a test switches on while the fake runs: the gate a hang closes,
+failing and crashing nodes, and the hostile rules (malformed answers and websocket
+messages), with the helpers that build hostile frames.
+
+The handle's ``_fake_faults`` and ``_fake_hostile`` flip these switches; the engine, the
+websocket hub and the ``_server_hostile`` middleware consult them.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ __all__ = [
     "WsMaker",
     "WsMessage",
     "encode_ws_message",
+    "exception_type_name",
     "websocket_frame",
 ]
 
@@ -59,6 +65,17 @@ class SimulatedNodeError(Exception):
     def __init__(self, message: str, type_name: str) -> None:
         super().__init__(message)
         self.type_name = type_name
+
+
+def exception_type_name(exc: BaseException) -> str:
+    """The ``exception_type`` ComfyUI reports: a builtin's bare name, others module-qualified
+    (``fail_node``'s simulated errors: the type name it was given)."""
+    if isinstance(exc, SimulatedNodeError):
+        return exc.type_name
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass

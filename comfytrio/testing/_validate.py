@@ -15,7 +15,9 @@ import logging
 import traceback
 from typing import Any
 
-from ._nodes import NodeDef, NodeRegistry
+from ._faults import exception_type_name
+from ._nodes import NodeRegistry
+from ._nodes_base import NodeDef
 from ._paths import FakePaths
 
 __all__ = ["ValidationResult", "validate_prompt"]
@@ -26,13 +28,6 @@ ValidationResult = tuple[bool, dict[str, Any] | None, list[str], dict[str, Any]]
 """(valid, error, outputs to execute, node_errors), like ``execution.validate_prompt``."""
 
 _Verdict = tuple[bool, list[dict[str, Any]], Any]
-
-
-def _type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _types_match(received: Any, expected: Any, wildcard: bool) -> bool:
@@ -223,7 +218,7 @@ class _Validator:
                             "input_name": name,
                             "input_config": config,
                             "exception_message": str(exc),
-                            "exception_type": _type_name(exc),
+                            "exception_type": exception_type_name(exc),
                             "traceback": traceback.format_tb(exc.__traceback__),
                             "linked_node": value,
                         },
@@ -335,7 +330,7 @@ def validate_prompt(
                     "message": "Exception when validating node",
                     "details": str(exc),
                     "extra_info": {
-                        "exception_type": _type_name(exc),
+                        "exception_type": exception_type_name(exc),
                         "traceback": traceback.format_tb(exc.__traceback__),
                     },
                 }
