@@ -6,33 +6,29 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 import trio
 
-from ._client import PromptResult, tls_context
+from ._client import tls_context
+from ._collect import OutputCollector
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT
-from ._errors import (
-    ComfyAPIError,
-    ComfyUITimeoutError,
-    ExecutionError,
-    ServerLostError,
-    ServerProtocolError,
-    UnsafeNameError,
-    unwrapped,
-)
-from ._files import output_path
+from ._errors import ComfyAPIError, unwrapped
+from ._fleet import start_all, watch_capacity
 from ._gpu import detect_gpus
 from ._instance import Instance, InstanceState
+from ._jobs import OutputTask, ShardWork, job_result, run_shard
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
-from ._scheduler import ApiStatistics, Scheduler, ShardTask
+from ._scheduler import Scheduler
+from ._shards import ShardTask
+from ._statistics import ApiStatistics
 from ._types import (
     ComfyUIInstance,
     FaultPolicy,
@@ -42,37 +38,28 @@ from ._types import (
     ModelRef,
     OutputFile,
     RemoteComfyUI,
-    ShardFailure,
-    ShardReport,
 )
-from .hookspecs import run_concurrently
 
-__all__ = ["ComfyAPI"]
+__all__ = ["ComfyAPI", "WorkflowOptions"]
 
 logger = logging.getLogger("comfytrio")
 
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024**3
 """The default size cap of one output file downloaded from a remote server (4 GiB)."""
 
-_DOWNLOADS_PER_SHARD = 8
-"""How many of one shard's outputs are downloaded at the same time."""
 
-JOB_MARKER_INPUT = "comfytrio_prompt"
-"""An extra input we add to every output node, set to the prompt id: ComfyUI ignores unknown
-inputs but counts them in its cache key, so an output node never replays the files of another
-job, another shard of the same job, or an earlier attempt of the same shard."""
+class WorkflowOptions(TypedDict, total=False):
+    """The keywords of ``ComfyAPI.execute_workflow`` (``run_workflow`` takes ``timeout``
+    too); each is optional."""
 
-
-async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Run every wait at once; return when the first returns (the others are cancelled)."""
-    async with trio.open_nursery() as nursery:
-
-        async def one(wait: Callable[[], Awaitable[object]]) -> None:
-            await wait()
-            nursery.cancel_scope.cancel()
-
-        for wait in waits:
-            nursery.start_soon(one, wait)
+    models: Sequence[ModelRef]
+    """Model files that must exist before the workflow runs (checked when it is planned)."""
+    loras: Sequence[LoRARef]
+    """LoRAs the workflow uses, downloaded when absent."""
+    params: Mapping[str, Mapping[str, Any]] | None
+    """The job's params, by name (checked when the job is called)."""
+    seed: int | None
+    """The job seed (give a result's ``seed`` again to reproduce it; None: a random one)."""
 
 
 class ComfyAPI:
@@ -156,7 +143,7 @@ class ComfyAPI:
         self._env = dict(env or {})
         self.faults = faults or FaultPolicy()
         self.instances: list[Instance] = self._build_instances(instances)
-        self._scheduler = Scheduler(
+        self._scheduler: Scheduler[Instance, ShardWork, list[OutputFile]] = Scheduler(
             self._run_shard,
             depth=prompts_per_instance,
             max_attempts=self.faults.max_shard_attempts,
@@ -275,7 +262,12 @@ class ComfyAPI:
                 trio.open_nursery() as nursery,
             ):
                 self._http = http
-                await self._start_all(nursery)
+                await start_all(
+                    self.instances,
+                    nursery,
+                    need=self.min_instances,
+                    ready_timeout=self.ready_timeout,
+                )
                 for instance in self.instances:
                     nursery.start_soon(self._scheduler.run_worker, instance)
                 nursery.start_soon(self._watch_capacity)
@@ -291,93 +283,8 @@ class ComfyAPI:
                     nursery.cancel_scope.cancel()
 
     async def _watch_capacity(self) -> None:
-        """Fail the queued shards when no instance could take them for
-        ``no_instance_timeout`` seconds, so no job waits forever on servers that are all
-        gone; then fail each shard queued until one can again. Woken by the instances'
-        state changes and the queue, never by a timer of its own."""
-        limit = self.faults.no_instance_timeout
-        while True:
-            await self._wait_none_healthy()
-            with trio.move_on_after(limit):
-                await self._wait_some_healthy()
-                continue
-            while not any(i.healthy for i in self.instances):
-                count = self._scheduler.fail_queued(
-                    ServerLostError(
-                        "all",
-                        f"no ComfyUI instance has been able to take work for {limit:g} s "
-                        f"(states: {', '.join(f'{i.name}={i.state}' for i in self.instances)})",
-                    )
-                )
-                if count:
-                    logger.error("failed %d queued shard(s): no healthy instance", count)
-                await _first_of(self._wait_some_healthy, self._scheduler.wait_queued)
-
-    async def _wait_none_healthy(self) -> None:
-        """Until no instance is healthy. Waiting on each healthy one in turn is enough: the
-        one waited on is healthy, so the last to go is always one waited on."""
-        while healthy := [i for i in self.instances if i.healthy]:
-            while healthy[0].healthy:
-                await healthy[0].wait_state_change()
-
-    async def _wait_some_healthy(self) -> None:
-        """Until some instance is healthy (at once if one is)."""
-        await _first_of(*(i.wait_healthy for i in self.instances))
-
-    async def _start_all(self, nursery: trio.Nursery) -> None:
-        """Start (or connect to) every instance at once; return once each has had its first
-        try (our processes started or failed, the other servers answered or not) and at
-        least ``min_instances`` are ready. Servers that did not answer go on connecting in
-        ``nursery`` and take work when they are ready. Raises the first startup error (the
-        others in ``other_errors``) as soon as too few instances are left to reach
-        ``min_instances``, and ``ComfyUITimeoutError`` when they are not ready in
-        ``ready_timeout`` seconds."""
-        need = min(self.min_instances, len(self.instances))
-        ready: list[Instance] = []
-        failed: list[ComfyAPIError] = []
-        settled = trio.Event()
-
-        async def start(instance: Instance) -> None:
-            try:
-                with unwrapped(ComfyAPIError):
-                    await nursery.start(instance.serve)
-            except ComfyAPIError as exc:  # our process could not start
-                instance.last_error, instance.state = exc, InstanceState.FAILED
-                failed.append(exc)
-                logger.error("ComfyUI %s could not be started: %s", instance.name, exc)
-            else:
-                ready.append(instance)
-            if len(ready) >= need or len(self.instances) - len(failed) < need:
-                settled.set()
-
-        for instance in self.instances:
-            nursery.start_soon(start, instance)
-        # Our processes time out by themselves after ready_timeout; a little more for them.
-        with trio.move_on_after(self.ready_timeout + 5.0):
-            for instance in self.instances:  # so a job's split counts every server up now
-                await instance.tried.wait()
-            await settled.wait()
-        if len(ready) >= need:
-            waiting = [
-                i.name for i in self.instances if i not in ready and i.state != InstanceState.FAILED
-            ]
-            logger.info(
-                "%d ComfyUI instance(s) ready%s",
-                len(ready),
-                f"; still starting or connecting: {', '.join(waiting)}" if waiting else "",
-            )
-            return
-        if failed and len(self.instances) - len(failed) < need:
-            failed[0].other_errors = list(failed[1:])
-            raise failed[0]
-        late = [i for i in self.instances if i not in ready]
-        raise ComfyUITimeoutError(
-            f"{len(ready)} of the {need} ComfyUI instance(s) needed were ready after "
-            f"{self.ready_timeout:g} s; "
-            + "; ".join(f"{i.name}: {i.last_error or i.state}" for i in late),
-            instance=late[0].name,
-            timeout=self.ready_timeout,
-        )
+        """Fail the queued shards while no instance can take them (``watch_capacity``)."""
+        await watch_capacity(self.instances, self._scheduler, self.faults.no_instance_timeout)
 
     async def __aenter__(self) -> ComfyAPI:
         """Start (or attach to) every instance in parallel; ready when ``min_instances``
@@ -398,24 +305,17 @@ class ComfyAPI:
     # ------------------------------------------------------------------ jobs
 
     async def execute_workflow(
-        self,
-        workflow: Mapping[str, Any],
-        *,
-        models: Sequence[ModelRef] = (),
-        loras: Sequence[LoRARef] = (),
-        params: Mapping[str, Mapping[str, Any]] | None = None,
-        seed: int | None = None,
+        self, workflow: Mapping[str, Any], **options: Unpack[WorkflowOptions]
     ) -> list[str]:
         """Run ``workflow`` split across the instances; return the absolute paths of every
-        output file (the seed library's call).
+        output file (the seed library's call). Its keywords (``models``, ``loras``,
+        ``params``, ``seed``) are ``run_workflow``'s.
 
         Some shards failing: their errors are logged, the others' files are returned. Every
         shard failing: the first error is raised, with the others in ``other_errors``.
         Raises ``ParamError``, ``ModelNotFoundError``, ``DownloadError`` before anything runs.
         """
-        result = await self.run_workflow(
-            workflow, models=models, loras=loras, params=params, seed=seed
-        )
+        result = await self.run_workflow(workflow, **options)
         return result.paths
 
     async def run_workflow(
@@ -447,8 +347,7 @@ class ComfyAPI:
         checked = validate_params(self._plugins, workflow, params or {})
         workflow_json = workflow_snapshot(workflow)
         job_seed = job_seed_for(seed)
-        await self._scheduler.admit(job_id)
-        try:
+        async with self._scheduler.admit(job_id):
             ready = self._ready_instances()
             plan: JobPlan = await plan_validated(
                 self._plugins,
@@ -464,68 +363,16 @@ class ComfyAPI:
                 http=self._http,
                 job_seed=job_seed,
             )
-        except BaseException:
-            self._scheduler.abandon(job_id)
-            raise
-        logger.info("job %s: %d shard(s) for %d instance(s)", job_id, len(plan.shards), len(ready))
-        deadline = self.execution_timeout if timeout is None else timeout
-        tasks = [ShardTask(job_id, shard.index, (shard, deadline)) for shard in plan.shards]
-        self._scheduler.submit(job_id, tasks)
+            logger.info(
+                "job %s: %d shard(s) for %d instance(s)", job_id, len(plan.shards), len(ready)
+            )
+            limit = self.execution_timeout if timeout is None else timeout
+            shards: list[OutputTask] = [
+                ShardTask(job_id, s.index, ShardWork(s, limit)) for s in plan.shards
+            ]
+            self._scheduler.submit(job_id, shards)
         finished = await self._scheduler.wait(job_id)
-        outputs = [o for t in finished if not t.failed for o in t.outcome]
-        failures = [
-            ShardFailure(
-                t.index,
-                t.instance or "",
-                t.prompt_id,
-                t.outcome,
-                tuple(t.outcome.outputs) if isinstance(t.outcome, ExecutionError) else (),
-            )
-            for t in finished
-            if t.failed
-        ]
-        reports = [
-            ShardReport(
-                t.index,
-                t.instance or "",
-                t.prompt_id,
-                dict(t.payload[0].scaled),
-                dict(t.payload[0].seeds),
-                t.started_at or t.enqueued_at,
-                t.finished_at or trio.current_time(),
-                not t.failed,
-            )
-            for t in finished
-        ]
-        result = JobResult(
-            job_id=job_id,
-            outputs=tuple(outputs),
-            failures=tuple(failures),
-            shards=tuple(reports),
-            seed=plan.seed,
-            started_at=started_at,
-            finished_at=trio.current_time(),
-        )
-        if failures and len(failures) == len(plan.shards):
-            first = failures[0].error
-            if isinstance(first, ComfyAPIError):
-                first.other_errors = [f.error for f in failures[1:]]
-            raise first
-        if failures:
-            logger.warning(
-                "job %s: %d/%d shard(s) failed; returning %d file(s)",
-                job_id,
-                len(failures),
-                len(plan.shards),
-                len(result.outputs),
-            )
-        logger.info(
-            "job %s: done, %d file(s) in %.2f s",
-            job_id,
-            len(result.outputs),
-            result.finished_at - started_at,
-        )
-        return result
+        return job_result(job_id, finished, seed=plan.seed, started_at=started_at)
 
     def _ready_instances(self) -> list[Instance]:
         """The instances ready now; ``ComfyAPIError`` when there are none."""
@@ -534,121 +381,10 @@ class ComfyAPI:
             raise ComfyAPIError("no ComfyUI instance is ready to run the job")
         return ready
 
-    async def _run_shard(self, instance: Instance, task: ShardTask) -> list[OutputFile]:
-        """Run one shard on ``instance`` (the scheduler's runner). Its workflow is built
-        here, when a server takes it, not while it waits in the queue."""
-        shard, timeout = task.payload
-        output_classes = await instance.output_node_classes()
-        assert instance.client is not None
-        try:
-            prompt = shard.build()
-            for node in prompt.values():
-                if isinstance(node, dict) and node.get("class_type") in output_classes:
-                    node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
-            try:
-                result = await instance.client.run(
-                    prompt, prompt_id=task.prompt_id, timeout=timeout
-                )
-            except ExecutionError as exc:
-                if exc.node_outputs:  # what it wrote before it failed is kept
-                    exc.outputs = tuple(await self._collect_partial(exc, instance, task, timeout))
-                raise
-            return await self._collect_within(timeout, result, instance, task.job_id)
-        except ComfyAPIError as exc:
-            logger.error(
-                "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
-            )
-            raise
-
-    async def _collect_within(
-        self, timeout: float, result: PromptResult, instance: Instance, job_id: str
-    ) -> list[OutputFile]:
-        """``_collect`` in ``timeout`` seconds (the shard's): a server that sends its files
-        too slowly fails the shard with ``ComfyUITimeoutError`` (no partial file is left)."""
-        with trio.move_on_after(timeout):
-            return await self._collect(result, instance, job_id)
-        raise ComfyUITimeoutError(
-            f"ComfyUI {instance.name}: the outputs of prompt {result.prompt_id} were not "
-            f"downloaded in {timeout:g} s (the shard's timeout)",
-            instance=instance.name,
-            prompt_id=result.prompt_id,
-            timeout=timeout,
-        )
-
-    async def _collect_partial(
-        self, error: ExecutionError, instance: Instance, task: ShardTask, timeout: float
-    ) -> list[OutputFile]:
-        """The files a failed prompt wrote before it failed; none when they cannot be had
-        (the prompt's error is the one to report)."""
-        partial = PromptResult(instance.name, task.prompt_id, error.node_outputs)
-        try:
-            files = await self._collect_within(timeout, partial, instance, task.job_id)
-        except ComfyAPIError as exc:
-            logger.warning(
-                "job %s: shard %d: the files written before it failed cannot be had: %s",
-                task.job_id,
-                task.index,
-                exc,
-            )
-            return []
-        logger.info(
-            "job %s: shard %d failed after writing %d file(s)", task.job_id, task.index, len(files)
-        )
-        return files
-
-    async def _collect(
-        self, result: PromptResult, instance: Instance, job_id: str
-    ) -> list[OutputFile]:
-        """The shard's outputs as files here: read in place on a local instance, else
-        downloaded, all of the shard's files at once (at most ``_DOWNLOADS_PER_SHARD``)."""
-        folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
-        files = result.files  # walked once: each access reads the outputs again
-        try:
-            paths: list[Path | None] = [instance.local_path(ref) for ref in files]
-            dests = {
-                i: output_path(folder, ref.subfolder, ref.filename)
-                for i, ref in enumerate(files)
-                if paths[i] is None
-            }
-        except UnsafeNameError as exc:  # the server's names, not the caller's
-            raise ServerProtocolError(
-                instance.name,
-                f"an output name {exc.name!r} would leave its folder",
-                prompt_id=result.prompt_id,
-            ) from exc
-        missing = list(dests)
-        if missing:
-            client = instance.client
-            assert client is not None
-            limit = trio.Semaphore(_DOWNLOADS_PER_SHARD)
-
-            def fetching(index: int) -> Callable[[], Awaitable[None]]:
-                ref = files[index]
-
-                async def fetch() -> None:
-                    async with limit:
-                        paths[index] = await client.download(
-                            ref, dests[index], max_bytes=self.max_output_bytes
-                        )
-
-                return fetch
-
-            if len(missing) == 1:
-                await fetching(missing[0])()
-            else:
-                await run_concurrently(fetching(i) for i in missing)
-        return [
-            OutputFile(
-                path=str(path),
-                instance=instance.name,
-                prompt_id=result.prompt_id,
-                node_id=ref.node_id,
-                filename=ref.filename,
-                subfolder=ref.subfolder,
-                type=ref.type,
-            )
-            for ref, path in zip(files, paths, strict=True)
-        ]
+    async def _run_shard(self, instance: Instance, task: OutputTask) -> list[OutputFile]:
+        """The scheduler's runner: ``run_shard`` with the api's output settings."""
+        collector = OutputCollector(self.download_dir, self.max_output_bytes)
+        return await run_shard(instance, task, collector)
 
     def statistics(self) -> ApiStatistics:
         """A frozen snapshot: per instance its state, prompts in flight, busy time, shards

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import trio
 import trio.testing
 
-from comfytrio import ComfyAPI, FaultPolicy, GPUInfo, InstanceState, ServerLostError, ShardTask
+from comfytrio import ComfyAPI, FaultPolicy, GPUInfo, InstanceState, ServerLostError
 from comfytrio._client import ComfyClient
 from comfytrio._instance import Instance
 from comfytrio._scheduler import Scheduler
+from comfytrio._shards import ShardTask
 from comfytrio.testing import FakeComfyUI
 
 
@@ -98,7 +99,7 @@ async def test_a_worker_takes_a_queued_shard_the_moment_its_instance_is_healthy(
     instance = instance_on(line, state=InstanceState.STARTING)
     started: list[float] = []
 
-    async def runner(worker: object, task: ShardTask) -> list[str]:
+    async def runner(worker: Instance, task: ShardTask[None, list[str]]) -> list[str]:
         started.append(trio.current_time())
         await trio.sleep_forever()
         return []
@@ -131,7 +132,8 @@ async def test_queued_shards_fail_no_instance_timeout_after_the_last_instance_we
     api = capacity_api(tmp_path, 30.0)
     lines = [Line(), Line()]
     api.instances = [instance_on(line, i, InstanceState.READY) for i, line in enumerate(lines)]
-    tasks = [ShardTask("job", i, None) for i in range(2)]
+    # No payload: these never run, they wait in the queue and fail there.
+    tasks: list[ShardTask[Any, Any]] = [ShardTask("job", i, None) for i in range(2)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(api._watch_capacity)
         api._scheduler.submit("job", tasks[:1])  # no worker: it stays queued
@@ -151,17 +153,17 @@ async def test_queued_shards_fail_no_instance_timeout_after_the_last_instance_we
         await trio.sleep(0.001)
         await trio.testing.wait_all_tasks_blocked()
         assert tasks[0].ended
-        assert isinstance(tasks[0].outcome, ServerLostError)
-        assert "i0=down, i1=hung" in str(tasks[0].outcome)
+        assert isinstance(tasks[0].error, ServerLostError)
+        assert "i0=down, i1=hung" in str(tasks[0].error)
         assert trio.current_time() - gone == 30.0
         # Still none: a shard queued (or sent back) now fails at once.
         api._scheduler.submit("job2", tasks[1:])
         await trio.testing.wait_all_tasks_blocked()
         assert tasks[1].ended
-        assert isinstance(tasks[1].outcome, ServerLostError)
+        assert isinstance(tasks[1].error, ServerLostError)
         # One is back: shards wait for it again.
         api.instances[0].state = InstanceState.READY
-        late = ShardTask("job3", 0, None)
+        late: ShardTask[Any, Any] = ShardTask("job3", 0, None)
         api._scheduler.submit("job3", [late])
         await trio.sleep(1000)
         assert not late.ended

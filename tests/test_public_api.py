@@ -36,6 +36,10 @@ def test_public_names_have_docstrings_and_public_module() -> None:
             assert obj.__module__.startswith(("comfytrio", "pluggy")), (name, obj.__module__)
 
 
+def test_the_scheduler_internals_stay_private() -> None:
+    assert not hasattr(comfytrio, "ShardTask")  # the scheduler's shard record, typed inside
+
+
 def test_every_error_derives_from_the_base() -> None:
     for name in dir(comfytrio):
         obj = getattr(comfytrio, name)

@@ -1,0 +1,153 @@
+"""One job's shards on the servers and back: what a shard carries through the queue, the
+runner the scheduler calls for it on an instance, and the ``JobResult`` made of the shards'
+outcomes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import attrs
+import trio
+from outcome import Error, Value
+
+from ._client import PromptResult
+from ._collect import OutputCollector
+from ._errors import ComfyAPIError, ExecutionError
+from ._instance import Instance
+from ._plan import ShardPlan
+from ._shards import ShardTask
+from ._types import JobResult, OutputFile, ShardFailure, ShardReport
+
+__all__ = ["JOB_MARKER_INPUT", "OutputTask", "ShardWork", "job_result", "run_shard"]
+
+logger = logging.getLogger("comfytrio")
+
+JOB_MARKER_INPUT = "comfytrio_prompt"
+"""An extra input we add to every output node, set to the prompt id: ComfyUI ignores unknown
+inputs but counts them in its cache key, so an output node never replays the files of another
+job, another shard of the same job, or an earlier attempt of the same shard."""
+
+
+@attrs.frozen
+class ShardWork:
+    """What one shard of a job carries through the queue to its runner."""
+
+    plan: ShardPlan
+    """Its values, and how to build its workflow."""
+    timeout: float
+    """Seconds its prompt may run once it started on its server (then as long again for
+    its downloads)."""
+
+
+OutputTask: TypeAlias = ShardTask[ShardWork, list[OutputFile]]
+"""A shard of a job, as the api's scheduler carries it."""
+
+
+async def run_shard(
+    instance: Instance, task: OutputTask, collector: OutputCollector
+) -> list[OutputFile]:
+    """Run one shard on ``instance`` and return its outputs as files here. Its workflow is
+    built now, when a server took it, not while it waited in the queue. A prompt that failed
+    keeps the files it wrote before it failed (``ExecutionError.outputs``)."""
+    work = task.payload
+    output_classes = await instance.output_node_classes()
+    assert instance.client is not None
+    try:
+        prompt = work.plan.build()
+        for node in prompt.values():
+            if isinstance(node, dict) and node.get("class_type") in output_classes:
+                node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
+        try:
+            result = await instance.client.run(
+                prompt, prompt_id=task.prompt_id, timeout=work.timeout
+            )
+        except ExecutionError as exc:
+            if exc.node_outputs:  # what it wrote before it failed is kept
+                exc.outputs = tuple(await _written_before(exc, instance, task, collector))
+            raise
+        return await collector.collect(result, instance, task.job_id, work.timeout)
+    except ComfyAPIError as exc:
+        logger.error(
+            "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
+        )
+        raise
+
+
+async def _written_before(
+    error: ExecutionError, instance: Instance, task: OutputTask, collector: OutputCollector
+) -> list[OutputFile]:
+    """The files a failed prompt wrote before it failed; none when they cannot be had (the
+    prompt's error is the one to report)."""
+    partial = PromptResult(instance.name, task.prompt_id, error.node_outputs)
+    try:
+        files = await collector.collect(partial, instance, task.job_id, task.payload.timeout)
+    except ComfyAPIError as exc:
+        logger.warning(
+            "job %s: shard %d: the files written before it failed cannot be had: %s",
+            task.job_id,
+            task.index,
+            exc,
+        )
+        return []
+    logger.info(
+        "job %s: shard %d failed after writing %d file(s)", task.job_id, task.index, len(files)
+    )
+    return files
+
+
+def job_result(
+    job_id: str, tasks: Sequence[OutputTask], *, seed: int, started_at: float
+) -> JobResult:
+    """The ``JobResult`` of a job whose shards all ended.
+
+    Some shards failing: their errors are logged and listed. Every shard failing: the first
+    error is raised, with the others in its ``other_errors``.
+    """
+    outputs: list[OutputFile] = []
+    failures: list[ShardFailure] = []
+    for task in tasks:
+        match task.outcome:
+            case Value(value=files):
+                outputs.extend(files)
+            case Error(error=error):
+                written = tuple(error.outputs) if isinstance(error, ExecutionError) else ()
+                where = task.instance or ""
+                failures.append(ShardFailure(task.index, where, task.prompt_id, error, written))
+    reports = tuple(_report(task) for task in tasks)
+    finished_at = trio.current_time()
+    result = JobResult(
+        job_id, tuple(outputs), tuple(failures), reports, seed, started_at, finished_at
+    )
+    if failures and len(failures) == len(tasks):
+        first = failures[0].error
+        if isinstance(first, ComfyAPIError):
+            first.other_errors = [f.error for f in failures[1:]]
+        raise first
+    if failures:
+        logger.warning(
+            "job %s: %d/%d shard(s) failed; returning %d file(s)",
+            job_id,
+            len(failures),
+            len(tasks),
+            len(outputs),
+        )
+    logger.info(
+        "job %s: done, %d file(s) in %.2f s", job_id, len(outputs), finished_at - started_at
+    )
+    return result
+
+
+def _report(task: OutputTask) -> ShardReport:
+    """How ``task`` went."""
+    return ShardReport(
+        task.index,
+        task.instance or "",
+        task.prompt_id,
+        dict(task.payload.plan.scaled),
+        dict(task.payload.plan.seeds),
+        task.started_at or task.enqueued_at,
+        task.finished_at or trio.current_time(),
+        isinstance(task.outcome, Value),
+    )
