@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -33,7 +32,15 @@ import httpx
 import trio
 
 from ._errors import DownloadError, UnsafeNameError
-from ._files import CONTROL_CHARACTERS, MAX_NAME_BYTES, fits, safe_join
+from ._files import (
+    CONTROL_CHARACTERS,
+    MAX_NAME_BYTES,
+    atomic_file,
+    fits,
+    hash_file,
+    read_head,
+    safe_join,
+)
 
 __all__ = [
     "DEFAULT_DOWNLOAD_TIMEOUT",
@@ -70,7 +77,7 @@ size) is not what the caller wants, or None when it is fine. Pure and quick: it 
 event loop."""
 
 _CHUNK = 1 << 16
-_HASH_CHUNK = 1 << 20
+_hash_file = hash_file  # looked up at each call: tests count the files hashed
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -306,66 +313,36 @@ class Downloader:
         progress: _Progress,
         check_body: BodyCheck | None,
     ) -> None:
-        folder = trio.Path(dest.parent)
-        try:
-            await folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DownloadError(url, f"cannot create {dest.parent}: {exc}") from exc
-        # Same folder as dest, so the final rename is atomic; a dot name keeps ComfyUI's
-        # model lists from showing it while it grows. Short and without dest's name, so a
-        # name of 255 bytes (the file systems' limit) still gets a temp file.
-        tmp = trio.Path(dest.parent / f".part-{secrets.token_hex(8)}")
         digest = hashlib.sha256()
         head = bytearray()
-        size = 0
         logger.info("downloading %s -> %s", url, dest)
         try:
-            async with _get(http, url) as response:
-                progress.response = response
-                if response.status_code != 200:
-                    raise DownloadError(url, f"HTTP {response.status_code}")
-                _check_declared_length(url, response, max_bytes)
-                async with (
-                    await trio.open_file(tmp, "wb") as fh,
-                    _chunks(response) as chunks,
-                ):
-                    async for chunk in chunks:
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise DownloadError(url, f"the body is over the {max_bytes}-byte cap")
-                        if len(head) < SNIFF_BYTES:
-                            head += chunk[: SNIFF_BYTES - len(head)]
-                        digest.update(chunk)
-                        await fh.write(chunk)
-                    await fh.flush()
-                    await trio.to_thread.run_sync(os.fsync, fh.fileno())
-                    written = await trio.to_thread.run_sync(os.fstat, fh.fileno())
+            async with (
+                atomic_file(dest, url) as out,
+                aclosing(_body(http, url, max_bytes, progress)) as chunks,
+            ):
+                async for chunk in chunks:
+                    if len(head) < SNIFF_BYTES:
+                        head += chunk[: SNIFF_BYTES - len(head)]
+                    digest.update(chunk)
+                    await out.write(chunk)
                 if check_body is not None:
-                    reason = check_body(bytes(head), size)
+                    reason = check_body(bytes(head), out.size)
                     if reason is not None:
-                        kind = response.headers.get("content-type")
+                        kind = progress.content_type()
                         raise DownloadError(
                             url, reason + (f" (Content-Type {kind})" if kind else "")
                         )
-            if sha256 is not None and digest.hexdigest() != sha256:
-                raise DownloadError(
-                    url, f"sha256 mismatch: expected {sha256}, got {digest.hexdigest()}"
-                )
-            await tmp.replace(dest)
-            # The rename keeps size and mtime: 50 jobs that check this digest hash nothing.
-            self._digests[os.fspath(dest)] = (
-                written.st_size,
-                written.st_mtime_ns,
-                digest.hexdigest(),
-            )
-            logger.info("downloaded %s (%d bytes) -> %s", url, size, dest)
+                if sha256 is not None and digest.hexdigest() != sha256:
+                    raise DownloadError(
+                        url, f"sha256 mismatch: expected {sha256}, got {digest.hexdigest()}"
+                    )
+                written = await out.commit()
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DownloadError(url, _describe(exc)) from exc
-        except OSError as exc:
-            raise DownloadError(url, f"cannot write {dest}: {exc}") from exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await tmp.unlink(missing_ok=True)
+        # The rename keeps size and mtime: 50 jobs that check this digest hash nothing.
+        self._digests[os.fspath(dest)] = (written.st_size, written.st_mtime_ns, digest.hexdigest())
+        logger.info("downloaded %s (%d bytes) -> %s", url, written.st_size, dest)
 
     async def fetch(
         self,
@@ -388,22 +365,37 @@ class Downloader:
         progress = _Progress()
         try:
             with trio.move_on_after(deadline) as scope:
-                async with _get(http, url) as response:
-                    progress.response = response
-                    if response.status_code != 200:
-                        raise DownloadError(url, f"HTTP {response.status_code}")
-                    _check_declared_length(url, response, cap)
-                    async with _chunks(response) as chunks:
-                        async for chunk in chunks:
-                            body += chunk
-                            if len(body) > cap:
-                                raise DownloadError(url, f"the body is over the {cap}-byte cap")
+                async with aclosing(_body(http, url, cap, progress)) as chunks:
+                    async for chunk in chunks:
+                        body += chunk
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DownloadError(url, _describe(exc)) from exc
         if scope.cancelled_caught:
             raise _late(url, deadline, progress.received)
         logger.debug("fetched %s (%d bytes)", url, len(body))
         return bytes(body)
+
+
+async def _body(
+    http: httpx.AsyncClient, url: str, max_bytes: int, progress: _Progress
+) -> AsyncGenerator[bytes, None]:
+    """The body of ``GET url`` (redirects checked), chunk by chunk, at most ``max_bytes``
+    bytes; a status other than 200 or a longer body is a ``DownloadError``."""
+    async with _get(http, url) as response:
+        progress.response = response
+        if response.status_code != 200:
+            raise DownloadError(url, f"HTTP {response.status_code}")
+        _check_declared_length(url, response, max_bytes)
+        size = 0
+        # httpx types aiter_bytes() as an AsyncIterator, but it is an async generator: close
+        # it ourselves when we stop early (over the cap), or the GC finalizes it, unclosed.
+        body = cast("AsyncGenerator[bytes, None]", response.aiter_bytes(_CHUNK))
+        async with aclosing(body) as chunks:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(url, f"the body is over the {max_bytes}-byte cap")
+                yield chunk
 
 
 @asynccontextmanager
@@ -453,56 +445,13 @@ async def _stat_dest(url: str, dest: Path) -> os.stat_result | None:
     return present
 
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-"""Opening a FIFO without a writer does not block with O_NONBLOCK (then fstat refuses it)."""
-
-
-def _open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open ``path`` for reading without blocking; refuse (OSError) what is no regular file."""
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode):
-            raise OSError(f"{path} is not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, opened
-
-
-def _read_head_sync(path: str) -> bytes:
-    fd, _ = _open_regular(path)
-    try:
-        return os.read(fd, SNIFF_BYTES)
-    finally:
-        os.close(fd)
-
-
 async def _read_head(url: str, dest: Path) -> bytes:
     try:
         return await trio.to_thread.run_sync(
-            _read_head_sync, os.fspath(dest), abandon_on_cancel=True
+            partial(read_head, os.fspath(dest), SNIFF_BYTES), abandon_on_cancel=True
         )
     except OSError as exc:
         raise DownloadError(url, f"cannot read {dest}: {exc}") from exc
-
-
-def _hash_file(path: str, stop: threading.Event) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """(sha256, (size, mtime_ns) before, after) of a regular file; stops early (the result
-    then unused) once ``stop`` is set."""
-    fd, before = _open_regular(path)
-    try:
-        digest = hashlib.sha256()
-        while not stop.is_set() and (chunk := os.read(fd, _HASH_CHUNK)):
-            digest.update(chunk)
-        after = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return (
-        digest.hexdigest(),
-        (before.st_size, before.st_mtime_ns),
-        (after.st_size, after.st_mtime_ns),
-    )
 
 
 @attrs.define
@@ -517,6 +466,10 @@ class _Progress:
         transfer reads are larger: a byte a second fills none)."""
         return 0 if self.response is None else self.response.num_bytes_downloaded
 
+    def content_type(self) -> str | None:
+        """The ``Content-Type`` of the answer, if there is one."""
+        return None if self.response is None else self.response.headers.get("content-type")
+
 
 def _late(url: str, deadline: float, received: int) -> DownloadError:
     logger.warning("download of %s cut at its %g s deadline (%d bytes)", url, deadline, received)
@@ -529,12 +482,6 @@ def _check_timeout(timeout: float) -> None:
         raise ValueError(
             f"a download timeout must be a positive number of seconds, got {timeout!r}"
         )
-
-
-def _chunks(response: httpx.Response) -> aclosing[AsyncGenerator[bytes, None]]:
-    # httpx types aiter_bytes() as an AsyncIterator, but it is an async generator: close it
-    # ourselves when we stop early (over the cap), or it is finalized by the GC, unclosed.
-    return aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes(_CHUNK)))
 
 
 def _check_declared_length(url: str, response: httpx.Response, max_bytes: int) -> None:
