@@ -19,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
-from ._errors import ComfyAPIError, PluginError
+from ._errors import ComfyAPIError, PluginError, UnknownParamTypeError
 from .hookspecs import AssetResolver, ParamType
 
 __all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "PluginEntry", "Plugins", "make_plugin_manager"]
@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "comfytrio"
 BLOCK_ENV_VAR = "COMFYTRIO_BLOCK_PLUGINS"
 """Comma-separated plugin names never to load (``COMFYTRIO_BLOCK_PLUGINS=example,std``)."""
 
-_PARAM_TYPE_METHODS = ("validate", "prepare", "split", "shard_value", "inject")
+_PARAM_TYPE_METHODS = ("validate", "prepare", "split", "shard_value", "inject", "parse_text")
 _RESOLVER_METHODS = ("check", "resolve", "inject")
 
 
@@ -255,6 +255,15 @@ class Plugins:
         """Every registered asset resolver, in hook call order (the last plugin first)."""
         return list(self._resolvers.values())
 
+    def _call(self, hook_name: str, **arguments: Any) -> Any:
+        """Call a hook; an exception other than a ``ComfyAPIError`` is a ``PluginError``."""
+        try:
+            return getattr(self.manager.hook, hook_name)(**arguments)
+        except ComfyAPIError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"a plugin's {hook_name} hook failed: {exc!r}") from exc
+
     def default_params(
         self, workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, Mapping[str, Any]]:
@@ -265,14 +274,7 @@ class Plugins:
         returns something other than a dict (or None): whatever the caller's input, a
         plugin's bug is reported as one."""
         extra: dict[str, Mapping[str, Any]] = {}
-        try:
-            results: list[object] = self.manager.hook.default_params(
-                workflow=workflow, params=params
-            )
-        except ComfyAPIError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"a default_params hook failed: {exc!r}") from exc
+        results: list[object] = self._call("default_params", workflow=workflow, params=params)
         for result in results:
             if result is None:
                 continue
@@ -284,3 +286,36 @@ class Plugins:
                 if name not in params and name not in extra:
                     extra[name] = entry
         return extra
+
+    def infer_param_type(self, workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+        """The type plugins give ``--param "TITLE=TEXT"`` (``infer_param_type`` hook: the
+        first answer wins), or None when no plugin answers.
+
+        Raises ``PluginError`` when a hook fails with anything but a ``ComfyAPIError`` or
+        answers something other than a type name."""
+        result: object = self._call("infer_param_type", workflow=workflow, title=title, text=text)
+        if result is not None and not (isinstance(result, str) and result):
+            raise PluginError(f"an infer_param_type hook returned {result!r}, not a type name")
+        return result
+
+    def parse_text(self, type_name: str, text: str, param_name: str) -> Any:
+        """The value of a ``type_name`` param named ``param_name`` typed as ``text`` on the
+        command line: that type's ``parse_text``.
+
+        Raises ``UnknownParamTypeError`` (listing the installed types) when no plugin
+        provides ``type_name``, the type's ``ParamError`` for text it refuses, and
+        ``PluginError`` naming the type and its plugin when ``parse_text`` fails with
+        anything but a ``ComfyAPIError``."""
+        param_type = self._param_types.get(type_name)
+        if param_type is None:
+            raise UnknownParamTypeError(param_name, type_name, list(self._param_types))
+        try:
+            return param_type.parse_text(text, param_name)
+        except ComfyAPIError:
+            raise
+        except Exception as exc:
+            plugin = self._owners.get(("param type", type_name), "?")
+            raise PluginError(
+                f"param type {type_name!r} (plugin {plugin!r}) failed to parse "
+                f"{text!r} for param {param_name!r}: {exc!r}"
+            ) from exc

@@ -19,18 +19,18 @@ import trio
 from conftest import WORKFLOWS, free_port, free_port_run, png_bytes
 from rich.console import Console
 
+import comfytrio
 from comfytrio import ParamError, UnknownParamTypeError
-from comfytrio._cli import (
+from comfytrio._events import NodeProgress, NodeStarted, PromptFinished, PromptStarted
+from comfytrio.cli import (
     UsageError,
     build_params,
-    infer_param_type,
     load_workflow,
     main,
     parse_lora,
     parse_model,
 )
-from comfytrio._events import NodeProgress, NodeStarted, PromptFinished, PromptStarted
-from comfytrio._progress import LineDisplay, ProgressState, node_labels, render
+from comfytrio.cli._progress import LineDisplay, ProgressState, node_labels, render
 from comfytrio.testing import FakeComfyUI
 
 MODEL_FREE = WORKFLOWS / "model_free.json"
@@ -40,6 +40,19 @@ FakeFactory = Callable[..., Awaitable[FakeComfyUI]]
 
 def workflow(path: Path = MODEL_FREE) -> dict[str, Any]:
     return load_workflow(path)
+
+
+def std_plugins() -> comfytrio.Plugins:
+    """Only the standard plugin: the types a bare comfytrio install has."""
+    import comfytrio_std
+
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    plugins.register(comfytrio_std, "std")
+    return plugins
+
+
+def infer_param_type(workflow: dict[str, Any], title: str, text: str) -> str | None:
+    return std_plugins().infer_param_type(workflow, title, text)
 
 
 # ---------------------------------------------------------------------- params, pure
@@ -57,6 +70,7 @@ def workflow(path: Path = MODEL_FREE) -> dict[str, Any]:
     ],
 )
 def test_param_type_comes_from_the_node(title: str, text: str, expected: str) -> None:
+    # The standard plugin's infer_param_type hook: the command line knows no type.
     assert infer_param_type(workflow(), title, text) == expected
 
 
@@ -65,6 +79,9 @@ def test_seed_nodes_get_the_seed_type() -> None:
     assert infer_param_type(sdxl, "K - SEED", "42") == "seed"  # a PrimitiveInt, by its title
     assert infer_param_type(sdxl, "KSampler", "42") == "seed"  # a sampler's seed input
     assert infer_param_type(sdxl, "API - STEP", "20") == "integer"
+    assert infer_param_type(sdxl, "KSampler.seed", "42") == "seed"  # TITLE.INPUT
+    assert infer_param_type(sdxl, "KSampler.cfg", "7") == "float"  # the input's current value
+    assert infer_param_type(sdxl, "KSampler.sampler_name", "euler") == "string"
 
 
 def test_build_params_from_titles_scale_and_explicit_types() -> None:
@@ -75,7 +92,7 @@ def test_build_params_from_titles_scale_and_explicit_types() -> None:
             ("--scale", "API - BATCH SIZE=8"),
             ("--param", "Empty Image:integer=3"),  # TITLE:TYPE for a node without a class rule
         ],
-        known_types=["integer", "string"],
+        plugins=std_plugins(),
     )
     assert params == {
         "API - PROMPT": {"type": "string", "node_mappings": "API - PROMPT", "value": "a=b"},
@@ -102,6 +119,7 @@ def test_param_file_entries_are_changed_by_name_or_by_title() -> None:
     params = build_params(
         workflow(SDXL),
         [("--param", "steps=30"), ("--scale", "API - BATCH SIZE=4")],
+        plugins=std_plugins(),
         file_params=file_params,
     )
     assert params["steps"]["value"] == 30
@@ -116,18 +134,59 @@ def test_param_file_entries_are_changed_by_name_or_by_title() -> None:
 
 def test_bad_values_name_the_param() -> None:
     with pytest.raises(ParamError, match="param 'API - BATCH SIZE': expects an integer, got 'x'"):
-        build_params(workflow(), [("--param", "API - BATCH SIZE=x")])
+        build_params(workflow(), [("--param", "API - BATCH SIZE=x")], plugins=std_plugins())
     with pytest.raises(UsageError, match="TITLE=VALUE"):
-        build_params(workflow(), [("--param", "API - STEP")])
+        build_params(workflow(), [("--param", "API - STEP")], plugins=std_plugins())
+
+
+@pytest.mark.parametrize(
+    ("assignment", "value"),
+    [
+        ("API - STEP=20", 20),
+        ("KSampler.cfg=7.5", 7.5),
+        ("API - STEP:float=20", 20.0),
+        ("KSampler.seed:seed=42", 42),
+        ("Save Image:boolean=yes", True),
+        ("Save Image:boolean=OFF", False),
+        ("API - PROMPT=a cat", "a cat"),
+    ],
+)
+def test_each_standard_type_parses_its_own_text(assignment: str, value: object) -> None:
+    params = build_params(workflow(SDXL), [("--param", assignment)], plugins=std_plugins())
+    (entry,) = params.values()
+    assert entry["value"] == value
+    assert type(entry["value"]) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("API - STEP:float=fast", "expects a number, got 'fast'"),
+        ("K - SEED=random", "expects an integer, got 'random'"),
+        ("Save Image:boolean=maybe", "expects true or false, got 'maybe'"),
+    ],
+)
+def test_a_standard_type_refuses_text_naming_the_param(assignment: str, message: str) -> None:
+    with pytest.raises(ParamError, match=message) as caught:
+        build_params(workflow(SDXL), [("--param", assignment)], plugins=std_plugins())
+    assert caught.value.param == assignment.split("=")[0].split(":")[0]
 
 
 def test_an_unknown_type_is_named_with_the_types_installed() -> None:
     with pytest.raises(UnknownParamTypeError) as info:
-        build_params(
-            workflow(SDXL), [("--param", "API - STEP:colour=red")], known_types=["integer", "seed"]
-        )
+        build_params(workflow(SDXL), [("--param", "API - STEP:colour=red")], plugins=std_plugins())
     assert (info.value.param, info.value.type_name) == ("API - STEP", "colour")
-    assert "unknown type 'colour'; known types: integer, seed" in str(info.value)
+    assert "unknown type 'colour'; known types: boolean, float, image, integer, seed, string" in (
+        str(info.value)
+    )
+
+
+def test_without_a_plugin_that_infers_a_title_needs_its_type() -> None:
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    with pytest.raises(ParamError, match='write --scale "API - STEP:TYPE=20"') as caught:
+        build_params(workflow(SDXL), [("--scale", "API - STEP=20")], plugins=plugins)
+    assert caught.value.param == "API - STEP"
+    assert "none installed" in str(caught.value)
 
 
 async def test_an_unknown_type_on_the_command_line_exits_2() -> None:

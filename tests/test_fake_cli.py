@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import sys
@@ -12,14 +13,16 @@ import httpx
 import trio_websocket
 from conftest import Child
 
-from comfytrio._cli import build_parser, main
+from comfytrio.cli import build_parser, main
+
+ROOT = Path(__file__).parent.parent
 
 
 def cli() -> list[str]:
     script = Path(sys.executable).with_name("comfytrio")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from comfytrio._cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from comfytrio.cli import main; sys.exit(main())"]
 
 
 async def test_fake_server_answers_http_and_websocket(
@@ -77,3 +80,11 @@ def test_parser_has_sub_commands(capsys: object) -> None:
     assert args.port == 9
     assert args.host == "127.0.0.1"
     assert main([]) == 2
+
+
+def test_the_command_line_reaches_the_fake_only_through_its_public_function() -> None:
+    for source in (ROOT / "comfytrio" / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and "testing" in (node.module or ""):
+                assert not (node.module or "").split(".")[-1].startswith("_"), source
+                assert all(not alias.name.startswith("_") for alias in node.names), source

@@ -272,6 +272,97 @@ async def test_hook_default_params() -> None:
     assert job.shards[0].workflow["2"]["inputs"]["value"] == "mine"
 
 
+def test_hook_infer_param_type() -> None:
+    from comfytrio.cli import build_params
+
+    def infer_param_type(workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+        return "upper" if title == "API - PROMPT" else None
+
+    plugins = std_plugins()
+    plugins.register(
+        plugin_module(
+            "mine", register_param_types=registers(Upper()), infer_param_type=infer_param_type
+        ),
+        "mine",
+    )
+    workflow = load_workflow("model_free")
+    # Its answer wins over the standard plugin's (which answers last, for every title) ...
+    assert plugins.infer_param_type(workflow, "API - PROMPT", "a cat") == "upper"
+    # ... and None leaves the title to the next plugin.
+    assert plugins.infer_param_type(workflow, "API - BATCH SIZE", "4") == "integer"
+    params = build_params(
+        workflow,
+        [("--param", "API - PROMPT=a cat"), ("--param", "API - BATCH SIZE=4")],
+        plugins=plugins,
+    )
+    assert params == {
+        "API - PROMPT": {"type": "upper", "node_mappings": "API - PROMPT", "value": "a cat"},
+        "API - BATCH SIZE": {"type": "integer", "node_mappings": "API - BATCH SIZE", "value": 4},
+    }
+    # Without any plugin, nobody answers.
+    empty = comfytrio.make_plugin_manager(entrypoints=False)
+    assert empty.infer_param_type(workflow, "API - PROMPT", "a cat") is None
+
+
+@pytest.mark.parametrize("answer", [42, "", ["integer"]])
+def test_an_infer_param_type_answer_that_is_no_type_name_is_a_plugin_error(answer: object) -> None:
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    plugins.register(plugin_module("bad", infer_param_type=lambda workflow, title, text: answer))
+    with pytest.raises(PluginError, match="infer_param_type hook returned"):
+        plugins.infer_param_type({}, "x", "1")
+
+
+def test_an_infer_param_type_that_raises_is_a_plugin_error() -> None:
+    def infer_param_type(workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+        raise KeyError(title)
+
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    plugins.register(plugin_module("bad", infer_param_type=infer_param_type))
+    with pytest.raises(PluginError, match="infer_param_type hook failed: KeyError"):
+        plugins.infer_param_type({}, "x", "1")
+
+
+def test_parse_text_goes_to_the_type_and_names_its_plugin_when_it_breaks() -> None:
+    class Sloppy(BaseParamType):
+        """Parses with int() and lets its ValueError out: a plugin bug."""
+
+        name = "sloppy"
+
+        def parse_text(self, text: str, param_name: str) -> Any:
+            return int(text)
+
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    plugins.register(
+        plugin_module("p", register_param_types=registers(Upper(), Sloppy())), "sloppy-plugin"
+    )
+    assert plugins.parse_text("upper", "as typed", "prefix") == "as typed"  # the default
+    assert plugins.parse_text("sloppy", "12", "n") == 12
+    with pytest.raises(PluginError, match="param type 'sloppy' \\(plugin 'sloppy-plugin'\\)"):
+        plugins.parse_text("sloppy", "twelve", "n")
+    with pytest.raises(comfytrio.UnknownParamTypeError, match="known types: sloppy, upper"):
+        plugins.parse_text("colour", "red", "n")
+
+
+def test_a_param_type_without_parse_text_is_refused() -> None:
+    # Every method of the protocol but parse_text.
+    half = types.SimpleNamespace(name="half")
+    for method in dir(BaseParamType):
+        if not method.startswith("_") and callable(getattr(BaseParamType, method)):
+            setattr(half, method, getattr(Upper(), method))
+    del half.parse_text
+    plugins = comfytrio.make_plugin_manager(entrypoints=False)
+    with pytest.raises(PluginError, match=r"'half' lacks parse_text$"):
+        plugins.register(plugin_module("bad", register_param_types=registers(half)), "bad")
+
+
+def test_every_param_field_is_documented_with_its_type() -> None:
+    import attrs
+
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for field in attrs.fields(Param):
+        assert f"| `{field.name}` | `{field.type}` |" in docs, f"Param.{field.name} ({field.type})"
+
+
 def test_param_types_satisfy_the_protocol() -> None:
     # What mypy checks statically, pinned for the standard plugin at run time.
     for param_type in std_plugins().param_types().values():

@@ -8,13 +8,19 @@ finds it through its ``comfytrio`` entry point, exactly as it finds the standard
 from __future__ import annotations
 
 import importlib.metadata
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
+from test_cli import MODEL_FREE, run_cli
 from test_plugins_support import load_workflow, plan
 
 import comfytrio
 from comfytrio import ParamError
+from comfytrio.cli import build_params
+from comfytrio.testing import FakeComfyUI
 
 
 def test_the_example_distribution_is_installed_with_its_entry_point() -> None:
@@ -61,3 +67,67 @@ def test_it_can_be_blocked_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "example" not in plugins.names()
     assert "size" not in plugins.param_types()
     assert "integer" in plugins.param_types()
+
+
+def test_its_type_parses_command_line_text() -> None:
+    plugins = comfytrio.make_plugin_manager()
+    params = build_params(
+        load_workflow("sdxl_txt2img"),
+        [("--param", "Empty Latent Image:size=832x1216")],
+        plugins=plugins,
+    )
+    assert params == {
+        "Empty Latent Image": {
+            "type": "size",
+            "node_mappings": "Empty Latent Image",
+            "value": [832, 1216],  # SizeType.parse_text, not the text
+        }
+    }
+    with pytest.raises(ParamError, match="expects WIDTHxHEIGHT, got '832 by 1216'") as caught:
+        build_params(
+            load_workflow("sdxl_txt2img"),
+            [("--param", "Empty Latent Image:size=832 by 1216")],
+            plugins=plugins,
+        )
+    assert caught.value.param == "Empty Latent Image"
+
+
+def test_its_infer_hook_types_a_latent_node_from_its_text() -> None:
+    plugins = comfytrio.make_plugin_manager()
+    workflow = load_workflow("sdxl_txt2img")
+    assert plugins.infer_param_type(workflow, "Empty Latent Image", "832x1216") == "size"
+    # Other text, or another node: the standard plugin answers.
+    assert plugins.infer_param_type(workflow, "Empty Latent Image", "7") == "integer"
+    assert plugins.infer_param_type(workflow, "API - STEP", "8x8") == "integer"
+
+
+@pytest.mark.parametrize("key", ["Empty Image:size", "Empty Image"])
+async def test_comfytrio_run_takes_its_type_on_the_command_line(
+    fake_comfyui: FakeComfyUI, tmp_path: Path, key: str
+) -> None:
+    fake_comfyui.add_input_image("example.png")
+    done = await run_cli(
+        "run",
+        str(MODEL_FREE),
+        "--url",
+        fake_comfyui.url,
+        "--param",
+        f"{key}=64x48",
+        "--param",
+        "API - BATCH SIZE=1",
+        "--download-dir",
+        str(tmp_path),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    outputs = json.loads(done.stdout)["outputs"]
+    (generated,) = [o for o in outputs if o["filename"].startswith("demo")]
+    with Image.open(generated["path"]) as image:
+        assert image.size == (64, 48)
+
+
+def test_the_docs_show_its_complete_pyproject() -> None:
+    root = Path(__file__).parent.parent
+    pyproject = (root / "plugins" / "third_party_example" / "pyproject.toml").read_text()
+    docs = (root / "docs" / "plugins.md").read_text()
+    assert f"```toml\n{pyproject}```" in docs

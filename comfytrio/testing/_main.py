@@ -14,7 +14,8 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ._install import FAKE_NODES_FILE
 from ._paths import FakePaths, parse_extra_model_paths
 from ._server import SystemInfo
 
-__all__ = ["main", "serve_until_signal"]
+__all__ = ["main", "serve_until_signal", "start_until_signal"]
 
 logger = logging.getLogger("comfytrio.testing")
 
@@ -206,10 +207,19 @@ async def serve_until_signal(
     fake: FakeComfyUI, on_ready: Callable[[FakeComfyUI], None] | None = None
 ) -> int:
     """Serve ``fake`` until SIGINT or SIGTERM; returns the signal number."""
+    return await start_until_signal(partial(run_fake, fake), on_ready)
+
+
+async def start_until_signal(
+    start: Callable[..., Awaitable[None]],
+    on_ready: Callable[[FakeComfyUI], None] | None = None,
+) -> int:
+    """Serve the fake that ``nursery.start(start)`` returns until SIGINT or SIGTERM; returns
+    the signal number."""
     stopped_by = int(signal.SIGINT)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_fake, fake)
+            fake: FakeComfyUI = await nursery.start(start)
             await fake.wait_ready()
             if on_ready is not None:
                 on_ready(fake)

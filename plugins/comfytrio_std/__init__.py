@@ -3,7 +3,8 @@
 Param types: ``integer``, ``string``, ``float``, ``boolean``, ``seed`` and ``image``.
 Resolvers: ``models`` (every ``ModelRef`` exists), ``lora-downloads`` (missing LoRAs are
 fetched) and ``lora-loaders`` (LoRAs go into the workflow's loader nodes). It also seeds the
-node titled ``K - SEED`` when no param does (``default_params``).
+node titled ``K - SEED`` when no param does (``default_params``), and says which of its
+types ``comfytrio run --param "TITLE=VALUE"`` gives a node (``infer_param_type``).
 
 comfytrio's core never imports this package: it is found through its entry point, like any
 third-party plugin. Block it with ``COMFYTRIO_BLOCK_PLUGINS=std``.
@@ -18,6 +19,7 @@ from comfytrio import hookimpl
 from comfytrio.hookspecs import AssetResolver, ParamType
 
 from ._image import DEFAULT_MAX_IMAGE_BYTES, ImageType, image_extension
+from ._infer import PARAM_TYPE_BY_CLASS, param_type_for, type_of_text
 from ._loras import (
     MIN_LORA_BYTES,
     LoraDownloads,
@@ -41,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_SEED_TITLE",
     "MIN_LORA_BYTES",
+    "PARAM_TYPE_BY_CLASS",
     "BooleanType",
     "FloatType",
     "ImageType",
@@ -53,10 +56,13 @@ __all__ = [
     "assign_loras",
     "default_params",
     "image_extension",
+    "infer_param_type",
     "lora_body_check",
     "lora_body_problem",
+    "param_type_for",
     "register_asset_resolvers",
     "register_param_types",
+    "type_of_text",
 ]
 
 
@@ -87,3 +93,11 @@ def default_params(
 ) -> Mapping[str, Mapping[str, Any]] | None:
     """A ``seed`` param for the node titled ``K - SEED`` when no param of the caller sets it."""
     return default_seed_param(workflow, params)
+
+
+@hookimpl(trylast=True)
+def infer_param_type(workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+    """``K - SEED`` and samplers: ``seed``; ``PrimitiveInt``: ``integer``, ``LoadImage``:
+    ``image``...; a title matching no node: what the text looks like (``param_type_for``).
+    Asked last, so another plugin's answer wins."""
+    return param_type_for(workflow, title, text)

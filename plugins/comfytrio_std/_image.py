@@ -204,6 +204,10 @@ class ImageType(BaseParamType):
             except DownloadError as exc:
                 raise ParamError(param.name, exc.reason) from exc
 
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """A path or an http(s) URL, as typed (``validate`` checks it, ``prepare`` reads it)."""
+        return text
+
     async def prepare(self, param: Param, job: JobContext) -> Any:
         """Load the image, name it by its hash, place it on every target; return its name."""
         data = await self._load(param, job)

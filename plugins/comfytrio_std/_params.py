@@ -37,8 +37,19 @@ MAX_INTEGER = 2**64 - 1
 """The largest ``integer`` value (the widest ComfyUI takes: a seed)."""
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
 def _kind(value: Any) -> str:
     return f"{type(value).__name__} {shown(value)}"
+
+
+def _int_from_text(text: str, param_name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ParamError(param_name, f"expects an integer, got {text!r}") from None
 
 
 class IntegerType(BaseParamType):
@@ -61,6 +72,10 @@ class IntegerType(BaseParamType):
             )
         if param.gpu_scale and param.value < 1:
             raise ParamError(param.name, f"a gpu_scale value must be at least 1, got {param.value}")
+
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """``"20"`` -> ``20``; refuse what ``int()`` cannot read."""
+        return _int_from_text(text, param_name)
 
 
 class StringType(BaseParamType):
@@ -108,6 +123,13 @@ class FloatType(BaseParamType):
         """The value as a ``float``."""
         return float(prepared)
 
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """``"0.5"`` -> ``0.5``; refuse what ``float()`` cannot read."""
+        try:
+            return float(text)
+        except ValueError:
+            raise ParamError(param_name, f"expects a number, got {text!r}") from None
+
 
 class BooleanType(BaseParamType):
     """``boolean``: ``True`` or ``False`` into ``inputs.value``."""
@@ -119,6 +141,15 @@ class BooleanType(BaseParamType):
         super().validate(param)
         if not isinstance(param.value, bool):
             raise ParamError(param.name, f"expects true or false, got {_kind(param.value)}")
+
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """``true``/``yes``/``on``/``1`` -> ``True``, ``false``/``no``/``off``/``0`` ->
+        ``False`` (any case); refuse anything else."""
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ParamError(param_name, f"expects true or false, got {text!r}")
 
 
 class SeedType(BaseParamType):
@@ -149,14 +180,22 @@ class SeedType(BaseParamType):
         base = shard.job_seed if prepared is None else int(prepared)
         return (base + shard.index) % (MAX_SEED + 1)
 
+    def input_for(self, node: Mapping[str, Any], param: Param) -> str | None:
+        """``value``; else a sampler's ``seed`` or ``noise_seed``; ``value`` (which the
+        plan then refuses, listing the node's inputs) when the node has none of them."""
+        inputs = node.get("inputs")
+        for name in ("value", "seed", "noise_seed"):
+            if isinstance(inputs, Mapping) and name in inputs:
+                return name
+        return "value"
+
     def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
         """Into ``value``; else into a sampler's ``seed`` or ``noise_seed``."""
-        inputs = node.setdefault("inputs", {})
-        for name in ("seed", "noise_seed"):
-            if "value" not in inputs and name in inputs:
-                inputs[name] = value
-                return
-        inputs["value"] = value
+        node.setdefault("inputs", {})[self.input_for(node, param)] = value
+
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """``"42"`` -> ``42``; refuse what ``int()`` cannot read."""
+        return _int_from_text(text, param_name)
 
 
 def _title(node: object) -> object:
@@ -167,11 +206,24 @@ def _title(node: object) -> object:
     return None
 
 
+def _names_seed_node(workflow: Mapping[str, Any], mapping: object) -> bool:
+    """Whether a mapping names the ``K - SEED`` node: its title, or one of its inputs
+    (``"K - SEED.value"``, when no node has that exact title)."""
+    if mapping == DEFAULT_SEED_TITLE:
+        return True
+    return (
+        isinstance(mapping, str)
+        and mapping.rpartition(".")[0] == DEFAULT_SEED_TITLE
+        and not any(_title(node) == mapping for node in workflow.values())
+    )
+
+
 def default_seed_param(
     workflow: Mapping[str, Any], params: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Mapping[str, Any]] | None:
     """A ``seed`` param for the node titled ``K - SEED`` when the workflow has one and no
-    param of the caller goes there (the seed library seeds it at random per GPU)."""
+    param of the caller goes there, by title or to one of its inputs (the seed library
+    seeds it at random per GPU)."""
     if not any(_title(node) == DEFAULT_SEED_TITLE for node in workflow.values()):
         return None
     for entry in params.values():
@@ -183,7 +235,7 @@ def default_seed_param(
             if isinstance(mappings, str)
             else (list(mappings) if isinstance(mappings, list | tuple) else [])
         )
-        if DEFAULT_SEED_TITLE in targets:
+        if any(_names_seed_node(workflow, target) for target in targets):
             if entry.get("type") != "seed":
                 logger.warning(
                     "a %s param sets %r: every shard gets the same value, so a split batch "

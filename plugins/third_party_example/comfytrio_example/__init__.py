@@ -4,20 +4,27 @@
 ``inputs.width`` and ``inputs.height`` of the node (an ``EmptyLatentImage``, an
 ``EmptyImage``...). The value may also be a ``[width, height]`` pair; both must be positive
 multiples of 8, as latent sizes are.
+
+On the command line: ``comfytrio run --param "Empty Latent Image:size=832x1216"`` (the text
+goes through ``SizeType.parse_text``), or just ``--param "Empty Latent Image=832x1216"``
+for a node of a latent class (``infer_param_type``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import comfytrio
 from comfytrio.hookspecs import BaseParamType, Param, ParamType, Shard
 
-__all__ = ["SizeType", "parse_size", "register_param_types"]
+__all__ = ["LATENT_CLASSES", "SizeType", "infer_param_type", "parse_size", "register_param_types"]
 
 _SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+
+LATENT_CLASSES = frozenset({"EmptyLatentImage", "EmptySD3LatentImage", "EmptyImage"})
+"""The node classes ``--param "TITLE=WIDTHxHEIGHT"`` gives the ``size`` type."""
 
 
 def parse_size(value: Any) -> tuple[int, int] | None:
@@ -61,8 +68,24 @@ class SizeType(BaseParamType):
         inputs = node.setdefault("inputs", {})
         inputs["width"], inputs["height"] = value
 
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """``"832x1216"`` (from ``--param``) as ``[832, 1216]``; refuse other text at once."""
+        size = parse_size(text)
+        if size is None:
+            raise comfytrio.ParamError(param_name, f"expects WIDTHxHEIGHT, got {text!r}")
+        return list(size)
+
 
 @comfytrio.hookimpl
 def register_param_types(register: Callable[[ParamType], None]) -> None:
     """Register ``size``."""
     register(SizeType())
+
+
+@comfytrio.hookimpl
+def infer_param_type(workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+    """``size`` for ``WIDTHxHEIGHT`` text on a node of ``LATENT_CLASSES``; else no opinion."""
+    nodes = [n for n in workflow.values() if (n.get("_meta") or {}).get("title") == title]
+    if nodes and nodes[0].get("class_type") in LATENT_CLASSES and parse_size(text) is not None:
+        return "size"
+    return None

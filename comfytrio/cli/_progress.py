@@ -1,5 +1,6 @@
-"""Live progress of a ``ComfyAPI``: each instance's state, running node and sampler steps, and
-each job's shards done, drawn with rich (or written as plain lines).
+"""Live progress of a ``ComfyAPI`` for the command line: each instance's state, running
+node and sampler steps, and each job's shards done, drawn with rich (or written as plain
+lines).
 
 ``follow_progress(api, display)`` runs next to the code that uses the api::
 
@@ -28,11 +29,17 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._api import ComfyAPI
-from ._client import ComfyClient
-from ._events import ComfyEvent, NodeProgress, NodeStarted, PromptFinished, PromptStarted
-from ._instance import InstanceState
-from ._scheduler import ApiStatistics
+from .. import (
+    ApiStatistics,
+    ComfyAPI,
+    ComfyClient,
+    ComfyEvent,
+    InstanceState,
+    NodeProgress,
+    NodeStarted,
+    PromptFinished,
+    PromptStarted,
+)
 
 __all__ = [
     "Display",
