@@ -9,7 +9,8 @@ The tree::
     ├── UnsafeNameError                .name, .folder (a user name would escape its folder)
     ├── ParamError                     .param: a bad entry of the ``params`` dict
     │   ├── UnknownParamTypeError      .type_name, .known
-    │   └── NodeTitleNotFoundError     .title, .available
+    │   ├── NodeTitleNotFoundError     .title, .available
+    │   └── NodeInputNotFoundError     .title, .node_id, .input_name, .available
     ├── PluginError                    a plugin is broken (duplicate name, bad hook)
     └── ServerError                    .instance, .prompt_id, .retryable: one server's error
         ├── ComfyUIStartupError        .log_tail: a ComfyUI process did not start
@@ -48,6 +49,7 @@ __all__ = [
     "ExecutionInterruptedError",
     "GPUDetectionError",
     "ModelNotFoundError",
+    "NodeInputNotFoundError",
     "NodeTitleNotFoundError",
     "ParamError",
     "PluginError",
@@ -142,6 +144,33 @@ class NodeTitleNotFoundError(ParamError):
         super().__init__(
             param,
             f"no node titled {title!r} in the workflow; titles: {', '.join(self.available)}",
+        )
+
+
+class NodeInputNotFoundError(ParamError):
+    """A node a param maps to has no input of the name it would write (``"KSampler.stpes"``,
+    or an ``integer`` mapped by title to a node without ``value``); ``available`` lists the
+    node's inputs, sorted."""
+
+    def __init__(
+        self,
+        param: str,
+        title: str,
+        node_id: str,
+        input_name: str,
+        available: Sequence[str],
+        *,
+        hint: str = "",
+    ) -> None:
+        self.title = title
+        self.node_id = node_id
+        self.input_name = input_name
+        self.available = sorted(available)
+        inputs = ", ".join(self.available) or "none"
+        super().__init__(
+            param,
+            f"node {title!r} (id {node_id!r}) has no input {input_name!r}{hint}; "
+            f"its inputs: {inputs}",
         )
 
 

@@ -13,13 +13,14 @@ import secrets
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import attrs
 import httpx
 
 from ._errors import (
     ComfyAPIError,
+    NodeInputNotFoundError,
     NodeTitleNotFoundError,
     ParamError,
     PluginError,
@@ -28,7 +29,7 @@ from ._errors import (
 )
 from ._plugins import Plugins
 from ._types import LoRARef, ModelRef
-from ._workflow import node_ids_by_title, title_of, titles
+from ._workflow import input_names, node_ids_by_title, split_mapping, title_of, titles
 from .hookspecs import (
     AssetResolver,
     InstanceTarget,
@@ -41,6 +42,7 @@ from .hookspecs import (
 __all__ = [
     "MAX_SEED",
     "JobPlan",
+    "PlanArgs",
     "ShardPlan",
     "check_workflow",
     "job_seed_for",
@@ -103,11 +105,16 @@ class ShardPlan:
         workflow: dict[str, Any] = json.loads(template.workflow_json)
         for param, value in zip(template.params, self._values, strict=True):
             param_type = template.types[param.type]
+            who = f"param type {param_type.name!r} (param {param.name!r})"
             for node_id in param.node_ids:
-                with _plugin_contract(f"param type {param_type.name!r} (param {param.name!r})"):
-                    param_type.inject(workflow[node_id], value, param)
+                node, input_name = workflow[node_id], param.inputs.get(node_id)
+                with _plugin_contract(who, "inject"):
+                    if input_name is None:
+                        param_type.inject(node, value, param)
+                    else:
+                        param_type.inject_input(node, input_name, value, param)
         for resolver in template.resolvers:
-            with _plugin_contract(f"asset resolver {resolver.name!r}"):
+            with _plugin_contract(f"asset resolver {resolver.name!r}", "inject"):
                 resolver.inject(workflow, template.job)
         return workflow
 
@@ -139,13 +146,20 @@ def validate_params(
     The params plugins add (``default_params`` hook: the ``K - SEED`` seed) are checked and
     returned too, after the caller's.
 
+    A ``node_mappings`` string is a node title (exact match), or ``"TITLE.INPUT"`` (split at
+    the last ``.``) when no node has that title: the value then goes into that input of the
+    nodes titled ``TITLE`` (a link there is replaced by the value).
+
     Raises ``ParamError`` naming the param: not a dict, no ``type`` or ``node_mappings``, an
-    unknown key, ``gpu_scale`` on a type that cannot split, a value its type refuses;
+    unknown key, ``gpu_scale`` on a type that cannot split, a value its type refuses, an
+    input two params write, a node one param maps with two inputs;
     ``UnknownParamTypeError`` listing the known types; ``NodeTitleNotFoundError`` listing the
-    workflow's titles; ``ParamError`` (param ``"workflow"``) for a workflow that is not a
-    dict of nodes (``check_workflow``); ``PluginError`` for a plugin's ``validate`` or
-    ``default_params`` that fails with anything but a ``ComfyAPIError``. Whatever the
-    input, nothing else is raised.
+    workflow's titles; ``NodeInputNotFoundError`` listing a node's inputs when it lacks the
+    input named (``"KSampler.stpes"``) or the one its type writes (``input_for``: an
+    ``integer`` mapped by title to a node without ``value``); ``ParamError`` (param
+    ``"workflow"``) for a workflow that is not a dict of nodes (``check_workflow``);
+    ``PluginError`` for a plugin's ``validate``, ``input_for`` or ``default_params`` that
+    fails with anything but a ``ComfyAPIError``. Whatever the input, nothing else is raised.
     """
     check_workflow(workflow)
     if not isinstance(params, Mapping):
@@ -153,15 +167,14 @@ def validate_params(
     types = plugins.param_types()
     extra = plugins.default_params(workflow, params)
     checked: list[Param] = []
-    owner_of_title: dict[str, str] = {}
+    owners: dict[tuple[str, str | None], str] = {}  # (node id, input written) -> param
     for name, entry in [*params.items(), *extra.items()]:
-        param = _parse(name, entry, workflow, types)
-        for title in param.titles:
-            if title in owner_of_title:
-                raise ParamError(
-                    name, f"node title {title!r} already gets param {owner_of_title[title]!r}"
-                )
-            owner_of_title[title] = name
+        param, written = _parse(name, entry, workflow, types)
+        for node_id, (title, input_name) in written.items():
+            owner = owners.setdefault((node_id, input_name), param.name)
+            if owner != param.name:
+                where = f"input {input_name!r} of node title" if input_name else "node title"
+                raise ParamError(name, f"{where} {title!r} already gets param {owner!r}")
         checked.append(param)
     return checked
 
@@ -194,9 +207,37 @@ def check_workflow(workflow: object) -> None:
             )
 
 
+# node id (as JSON names it) -> its title, the input a mapping names (None: a plain title), node
+_Mapped = dict[str, tuple[str, str | None, Mapping[str, Any]]]
+
+
+def _mapped(name: str, mappings: object, workflow: Mapping[str, Any]) -> _Mapped:
+    """Every node ``node_mappings`` names (see ``validate_params``)."""
+    wanted = [mappings] if isinstance(mappings, str) else mappings
+    if not (isinstance(wanted, Sequence) and wanted and all(isinstance(t, str) for t in wanted)):
+        raise ParamError(name, "needs 'node_mappings': a node title (or a list of titles)")
+    mapped: _Mapped = {}
+    for mapping in wanted:
+        title, input_name = split_mapping(workflow, mapping)
+        ids = node_ids_by_title(workflow, title)
+        if not ids:
+            raise NodeTitleNotFoundError(name, mapping, titles(workflow))
+        for node_id in ids:
+            key, node = str(node_id), workflow[node_id]
+            if input_name is not None and input_name not in input_names(node):
+                raise NodeInputNotFoundError(name, title, key, input_name, input_names(node))
+            if key in mapped and mapped[key][1] != input_name:
+                raise ParamError(
+                    name, f"maps node {title!r} (id {key!r}) twice: use one param per input"
+                )
+            mapped[key] = (title, input_name, node)
+    return mapped
+
+
 def _parse(
     name: object, entry: object, workflow: Mapping[str, Any], types: Mapping[str, ParamType]
-) -> Param:
+) -> tuple[Param, dict[str, tuple[str, str | None]]]:
+    """The checked param, and (title, input written) by node id (None: ``inject`` decides)."""
     if not isinstance(name, str):
         raise ParamError(shown(name), "param names must be strings")
     if not isinstance(entry, Mapping):
@@ -218,19 +259,7 @@ def _parse(
             f"unknown key(s) {', '.join(map(repr, unknown))}; a {type_name!r} param "
             f"takes {', '.join(map(repr, allowed))}",
         )
-    mappings = entry.get("node_mappings")
-    if isinstance(mappings, str):
-        wanted: tuple[str, ...] = (mappings,)
-    elif isinstance(mappings, Sequence) and mappings and all(isinstance(t, str) for t in mappings):
-        wanted = tuple(mappings)
-    else:
-        raise ParamError(name, "needs 'node_mappings': a node title (or a list of titles)")
-    node_ids: list[str] = []
-    for title in wanted:
-        found = node_ids_by_title(workflow, title)
-        if not found:
-            raise NodeTitleNotFoundError(name, title, titles(workflow))
-        node_ids.extend(str(node_id) for node_id in found)  # as JSON will name them
+    mapped = _mapped(name, entry.get("node_mappings"), workflow)
     gpu_scale = entry.get("gpu_scale", False)
     if not isinstance(gpu_scale, bool):
         raise ParamError(name, f"'gpu_scale' must be true or false, got {shown(gpu_scale)}")
@@ -240,20 +269,29 @@ def _parse(
         name=name,
         type=type_name,
         value=entry.get("value"),
-        titles=wanted,
-        node_ids=tuple(node_ids),
+        titles=tuple(dict.fromkeys(title for title, _, _ in mapped.values())),
+        node_ids=tuple(mapped),
         gpu_scale=gpu_scale,
         options={k: v for k, v in entry.items() if k not in _RESERVED_KEYS},
+        inputs={node_id: i for node_id, (_, i, _) in mapped.items() if i is not None},
     )
-    try:
+    plugin = f"param type {param_type.name!r}"
+    with _plugin_contract(plugin, f"validate param {name!r}"):
         param_type.validate(param)
-    except ComfyAPIError:
-        raise
-    except Exception as exc:  # a plugin's bug must not look like a crash of the api
-        raise PluginError(
-            f"param type {param_type.name!r} failed to validate param {name!r}: {exc!r}"
-        ) from exc
-    return param
+    written: dict[str, tuple[str, str | None]] = {}
+    for node_id, (title, input_name, node) in mapped.items():
+        if input_name is None:
+            with _plugin_contract(plugin, f"name the input of param {name!r}"):
+                input_name = param_type.input_for(node, param)
+                if not isinstance(input_name, str | None):
+                    raise TypeError(f"input_for returned {shown(input_name)}")
+            if input_name is not None and input_name not in input_names(node):
+                hint = f" (what a {type_name!r} param writes; to set another: '{title}.INPUT')"
+                raise NodeInputNotFoundError(
+                    name, title, node_id, input_name, input_names(node), hint=hint
+                )
+        written[node_id] = (title, input_name)
+    return param, written
 
 
 def job_seed_for(seed: int | None) -> int:
@@ -265,49 +303,58 @@ def job_seed_for(seed: int | None) -> int:
     return seed
 
 
+class PlanArgs(TypedDict):
+    """The keyword arguments ``plan_job`` and ``plan_validated`` share (all required):
+    what a job needs and where it runs."""
+
+    models: Sequence[ModelRef]
+    """The models the job needs (checked on every target)."""
+    loras: Sequence[LoRARef]
+    """The LoRAs the job needs (downloaded when missing)."""
+    targets: Sequence[InstanceTarget]
+    """Every server that may run a shard."""
+    shard_count: int
+    """How many shards to split the job into (a positive integer)."""
+    models_path: Path | None
+    """The local models root; None when every target is remote."""
+    http: httpx.AsyncClient
+    """The HTTP client for downloads and uploads."""
+
+
 async def plan_job(
     plugins: Plugins,
     workflow: Mapping[str, Any],
     *,
     params: Mapping[str, Mapping[str, Any]],
-    models: Sequence[ModelRef],
-    loras: Sequence[LoRARef],
-    targets: Sequence[InstanceTarget],
-    shard_count: int,
-    models_path: Path | None,
-    http: httpx.AsyncClient,
     seed: int | None = None,
+    **args: Unpack[PlanArgs],
 ) -> JobPlan:
     """Validate, prepare and split one job into the workflows of its shards.
 
-    In order: every param is validated and every resolver checks the job (no I/O yet); then,
-    one after another, each param is prepared once (images fetched, written or uploaded to
-    every target) and each resolver resolves (models checked, LoRAs downloaded); then each
-    shard gets its values. A shard is kept only when its share of every ``gpu_scale`` param
-    is above zero; without such a param there are ``shard_count`` shards. ``seed`` None
-    draws a job seed (reported in ``JobPlan.seed``). ``workflow`` is read here and never
-    changed: each ``ShardPlan.build()`` makes a new copy from a snapshot taken here.
+    ``args``: the ``PlanArgs``. In order: every param is validated and every resolver
+    checks the job (no I/O yet); then, one after another, each param is prepared once
+    (images fetched, written or uploaded to every target) and each resolver resolves (models
+    checked, LoRAs downloaded); then each shard gets its values. A shard is kept only when
+    its share of every ``gpu_scale`` param is above zero; without such a param there are
+    ``shard_count`` shards. ``seed`` None draws a job seed (reported in ``JobPlan.seed``).
+    ``workflow`` is read here and never changed: each ``ShardPlan.build()`` makes a new
+    copy from a snapshot taken here.
 
     Raises ``ParamError`` and its subclasses, ``UnsafeNameError``, ``ModelNotFoundError``,
     ``DownloadError``, ``PluginError`` (a plugin broke its contract), ``ValueError`` (a bad
-    ``shard_count`` or ``seed``); ``ParamError`` (param ``"workflow"``) when the workflow is
-    not JSON.
+    ``shard_count`` or ``seed``), ``TypeError`` (a keyword missing or unknown);
+    ``ParamError`` (param ``"workflow"``) when the workflow is not JSON.
     """
-    if isinstance(shard_count, bool) or not isinstance(shard_count, int) or shard_count < 1:
-        raise ValueError(f"shard_count must be a positive integer, got {shard_count!r}")
+    wrong = set(args) ^ PlanArgs.__required_keys__  # what mypy would say, for the others
+    if wrong:
+        raise TypeError(f"plan_job() keywords missing or unknown: {', '.join(sorted(wrong))}")
+    count = args["shard_count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"shard_count must be a positive integer, got {count!r}")
     job_seed = job_seed_for(seed)
     checked = validate_params(plugins, workflow, params)
     return await plan_validated(
-        plugins,
-        workflow_snapshot(workflow),
-        checked,
-        models=models,
-        loras=loras,
-        targets=targets,
-        shard_count=shard_count,
-        models_path=models_path,
-        http=http,
-        job_seed=job_seed,
+        plugins, workflow_snapshot(workflow), checked, job_seed=job_seed, **args
     )
 
 
@@ -316,13 +363,8 @@ async def plan_validated(
     workflow_json: str,
     checked: Sequence[Param],
     *,
-    models: Sequence[ModelRef],
-    loras: Sequence[LoRARef],
-    targets: Sequence[InstanceTarget],
-    shard_count: int,
-    models_path: Path | None,
-    http: httpx.AsyncClient,
     job_seed: int,
+    **args: Unpack[PlanArgs],
 ) -> JobPlan:
     """``plan_job`` after its checks, from what they returned: the workflow's JSON text
     (``workflow_snapshot``), its params (``validate_params``) and the job seed
@@ -330,16 +372,17 @@ async def plan_validated(
     comes, so what runs is the workflow as it was at the call."""
     types = plugins.param_types()
     resolvers = plugins.asset_resolvers()
+    shard_count = args["shard_count"]
     job = JobContext(
         workflow=json.loads(workflow_json),
         params={p.name: p for p in checked},
-        models=tuple(models),
-        loras=tuple(loras),
-        targets=tuple(targets),
+        models=tuple(args["models"]),
+        loras=tuple(args["loras"]),
+        targets=tuple(args["targets"]),
         shard_count=shard_count,
-        models_path=models_path,
+        models_path=args["models_path"],
         seed=job_seed,
-        http=http,
+        http=args["http"],
         downloader=plugins.downloader,
     )
     for resolver in resolvers:
@@ -434,15 +477,16 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _plugin_contract(who: str) -> Iterator[None]:
-    """Turn an unexpected exception of a plugin's ``inject`` into a ``PluginError`` (a
-    shard is built when a server takes it, where anything else would stop the scheduler)."""
+def _plugin_contract(who: str, doing: str) -> Iterator[None]:
+    """Turn an unexpected exception of a plugin into a ``PluginError`` saying who failed
+    ``doing`` what: a plugin's bug must not look like a crash of the api (and a shard is
+    built when a server takes it, where anything else would stop the scheduler)."""
     try:
         yield
     except ComfyAPIError:
         raise
     except Exception as exc:
-        raise PluginError(f"{who} failed to inject: {exc!r}") from exc
+        raise PluginError(f"{who} failed to {doing}: {exc!r}") from exc
 
 
 def _split(param_type: ParamType, param: Param, prepared: Any, count: int) -> list[int]:

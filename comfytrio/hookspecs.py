@@ -14,12 +14,14 @@ this API. The guide with examples is ``docs/plugins.md``.
 How a job uses them (``plan_job``):
 
 1. ``default_params`` adds params the caller did not give (the ``K - SEED`` seed).
-2. Every param: its ``ParamType.validate``; every resolver: ``AssetResolver.check``. No I/O
-   has happened yet, so a bad param never downloads anything.
+2. Every param: its ``ParamType.validate``, then ``ParamType.input_for`` of each node it
+   maps by plain title; every resolver: ``AssetResolver.check``. No I/O has happened yet,
+   so a bad param never downloads anything.
 3. Concurrently: ``ParamType.prepare`` once per param, ``AssetResolver.resolve`` once per
    resolver (downloads, uploads, model checks).
 4. Per shard: ``ParamType.split`` (``gpu_scale``), ``ParamType.shard_value``,
-   ``ParamType.inject`` into each mapped node, then ``AssetResolver.inject``.
+   ``ParamType.inject`` into each node mapped by title (``ParamType.inject_input`` into
+   each ``"TITLE.INPUT"`` one), then ``AssetResolver.inject``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "default_params",
     "hookimpl",
     "hookspec",
+    "infer_param_type",
     "register_asset_resolvers",
     "register_param_types",
     "run_concurrently",
@@ -112,13 +115,18 @@ class Param:
     value: Any
     """Its ``value`` as given (None when the entry has no ``value``)."""
     titles: tuple[str, ...]
-    """Its ``node_mappings``: the node titles it goes into (a string gives one)."""
+    """The node titles its ``node_mappings`` name (a string gives one; ``"KSampler.steps"``
+    gives ``"KSampler"`` when no node is titled ``"KSampler.steps"``)."""
     node_ids: tuple[str, ...]
     """The ids of every node whose ``_meta.title`` is one of ``titles``."""
     gpu_scale: bool = False
     """True when the value is split over the shards."""
     options: Mapping[str, Any] = attrs.field(factory=dict)
     """The entry's other keys (only those the type lists in ``options``)."""
+    inputs: Mapping[str, str] = attrs.field(factory=dict)
+    """The input a mapping names explicitly, by node id (``"KSampler.steps"``: the
+    KSampler's id -> ``"steps"``): those nodes get ``inject_input``, the others (mapped by
+    plain title, absent here) ``inject``."""
 
 
 @attrs.frozen
@@ -232,6 +240,24 @@ class ParamType(Protocol):
         """Put ``value`` into one node of a shard's workflow (a copy: change it freely)."""
         ...
 
+    def input_for(self, node: Mapping[str, Any], param: Param) -> str | None:
+        """The input of ``node`` that ``inject`` writes, checked when the param is validated:
+        a node whose ``inputs`` lack it is refused (``NodeInputNotFoundError``, listing
+        them). None: nothing to check. Only for nodes mapped by plain title."""
+        ...
+
+    def inject_input(self, node: dict[str, Any], input_name: str, value: Any, param: Param) -> None:
+        """Put ``value`` into ``node["inputs"][input_name]``, an input the mapping names
+        (``"KSampler.steps"``) and the node has (it may hold a link: the value replaces
+        it)."""
+        ...
+
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """The value ``text`` stands for when typed on the command line (``comfytrio run
+        --param "TITLE:TYPE=TEXT"``), without I/O; raise ``ParamError(param_name, ...)``
+        when it cannot be one. ``validate`` still checks what this returns."""
+        ...
+
 
 class BaseParamType:
     """A ``ParamType`` whose value goes as is into ``inputs[input_name]`` of every mapped
@@ -271,6 +297,19 @@ class BaseParamType:
     def inject(self, node: dict[str, Any], value: Any, param: Param) -> None:
         """``node["inputs"][input_name] = value``."""
         node.setdefault("inputs", {})[self.input_name] = value
+
+    def input_for(self, node: Mapping[str, Any], param: Param) -> str | None:
+        """``input_name``; None (no check) when a subclass overrides ``inject``, which then
+        decides what it writes (override this too to have the plan check it)."""
+        return self.input_name if type(self).inject is BaseParamType.inject else None
+
+    def inject_input(self, node: dict[str, Any], input_name: str, value: Any, param: Param) -> None:
+        """``node["inputs"][input_name] = value``."""
+        node.setdefault("inputs", {})[input_name] = value
+
+    def parse_text(self, text: str, param_name: str) -> Any:
+        """The text as typed (a string value)."""
+        return text
 
 
 # --------------------------------------------------------------------------- resolvers
@@ -368,4 +407,16 @@ def default_params(
 
     ``params`` is what the caller gave; a returned entry whose name the caller already uses is
     dropped. Entries are validated like the caller's (their errors name them).
+    """
+
+
+@hookspec(firstresult=True)
+def infer_param_type(workflow: Mapping[str, Any], title: str, text: str) -> str | None:
+    """The param type of ``--param "TITLE=TEXT"`` on the command line (no ``:TYPE``), for
+    the node(s) titled ``title`` of ``workflow``; None leaves it to the next plugin.
+
+    The first answer wins: pluggy calls the plugin registered last first, and the standard
+    plugin answers last (``trylast``), for every title. ``title`` may match no node (the
+    command then reports it with the titles that exist); ``text`` is the value as typed,
+    before the type's ``parse_text``.
     """

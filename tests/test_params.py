@@ -52,10 +52,14 @@ async def test_a_value_goes_into_every_node_with_the_title() -> None:
 
 
 async def test_node_mappings_may_list_several_titles() -> None:
-    both = {"type": "string", "value": "x", "node_mappings": ["API - PROMPT", "Save Inverted"]}
+    both = {
+        "type": "string",
+        "value": "x",
+        "node_mappings": ["API - PROMPT", "Save Inverted.filename_prefix"],
+    }
     job = await plan(std_plugins(), load_workflow("model_free"), {"both": both})
     assert job.shards[0].workflow["2"]["inputs"]["value"] == "x"
-    assert job.shards[0].workflow["7"]["inputs"]["value"] == "x"
+    assert job.shards[0].workflow["7"]["inputs"] == {"images": ["6", 0], "filename_prefix": "x"}
 
 
 async def test_float_and_boolean() -> None:

@@ -215,3 +215,23 @@ async def test_an_image_cannot_be_split() -> None:
     entry["picture"]["gpu_scale"] = True
     with pytest.raises(ParamError, match="cannot be split"):
         await plan(std_plugins(), load_workflow("model_free"), entry)
+
+
+async def test_an_image_goes_into_the_input_a_mapping_names(tmp_path: Path) -> None:
+    workflow = load_workflow("model_free")
+    workflow["9"] = {
+        "class_type": "ImageFromPath",
+        "inputs": {"path": "old.png", "strength": 1.0},
+        "_meta": {"title": "Reference"},
+    }
+    params = {
+        "picture": {
+            "type": "image",
+            "value": png("red"),
+            "node_mappings": ["API - PICTURE.image", "Reference.path"],
+        }
+    }
+    job = await plan(std_plugins(), workflow, params, targets=local_targets(tmp_path, 1))
+    built = job.shards[0].workflow
+    assert built["5"]["inputs"] == {"image": hashed_name(png("red"))}
+    assert built["9"]["inputs"] == {"path": hashed_name(png("red")), "strength": 1.0}

@@ -114,3 +114,20 @@ async def test_a_seed_cannot_be_split() -> None:
     params = {"seed": {"type": "seed", "value": 1, "gpu_scale": True, "node_mappings": "K - SEED"}}
     with pytest.raises(ParamError, match="cannot be split"):
         await plan(std_plugins(), load_workflow("sdxl_txt2img"), params)
+
+
+async def test_a_seed_goes_into_the_input_a_mapping_names() -> None:
+    params = {"s": {"type": "seed", "value": 5, "node_mappings": "KSampler.seed"}}
+    job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), params, shard_count=2, seed=1)
+    assert [s.workflow["3"]["inputs"]["seed"] for s in job.shards] == [5, 6]  # was a link
+    assert [s.seeds for s in job.shards] == [
+        {"KSampler": 5, "K - SEED": 1},
+        {"KSampler": 6, "K - SEED": 2},
+    ]
+
+
+async def test_a_callers_param_on_an_input_of_k_seed_replaces_the_default() -> None:
+    params = {"seed": {"type": "integer", "value": 7, "node_mappings": "K - SEED.value"}}
+    job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), params, shard_count=2)
+    assert [s.workflow["23"]["inputs"]["value"] for s in job.shards] == [7, 7]
+    assert [s.seeds for s in job.shards] == [{}, {}]
