@@ -39,6 +39,15 @@ def load_workflow(name: str) -> dict[str, Any]:
     return workflow
 
 
+async def until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Until ``predicate()`` holds (looked at every 10 ms: the test waits for a state, not
+    for a guessed time); fails after ``timeout`` seconds, virtual ones under
+    ``autojump_clock``, where the waiting costs no real time."""
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 (states with no event of their own)
+            await trio.sleep(0.01)
+
+
 class WsListener:
     """Collects every message of one websocket (text as JSON, binary as bytes)."""
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from conftest import until
 from test_gpu import FakeNVML
 from test_plugins_support import Route, png, safetensors_bytes, start_http_server
 
@@ -426,33 +428,32 @@ async def test_when_every_shard_fails_the_first_error_is_raised(
 
 
 async def test_a_shard_past_its_timeout_fails_and_is_interrupted(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
-    fakes[0].set_seconds_per_image(30)
+    fakes[0].set_seconds_per_image(300)
     async with remote_api(fakes, tmp_path) as api:
-        result = await api.run_workflow(BATCH_WORKFLOW, params=batch(3), timeout=0.5)
+        started = trio.current_time()
+        result = await api.run_workflow(BATCH_WORKFLOW, params=batch(3), timeout=5)
+        assert 5 <= trio.current_time() - started < 30  # virtual seconds: not the 300 s
         assert len(result.outputs) == 2
         assert isinstance(result.failures[0].error, ComfyUITimeoutError)
-        with trio.fail_after(5):
+        with trio.fail_after(5):  # interrupted: it does not run its 300 s to the end
             await fakes[0].wait_idle()
 
 
 async def test_a_cancelled_job_leaves_no_prompt_on_any_server(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
     for fake in fakes:
-        fake.set_seconds_per_image(30)
+        fake.set_seconds_per_image(300)
     async with remote_api(fakes, tmp_path) as api:
         async with trio.open_nursery() as nursery:
             for _ in range(2):  # two jobs: one prompt runs and one waits on each server
                 nursery.start_soon(partial(api.execute_workflow, BATCH_WORKFLOW, params=batch(3)))
-            with trio.fail_after(5):
-                while True:
-                    if all(len(f.queue_ids()) == 1 for f in fakes):
-                        break
-                    await trio.sleep(0.02)
+            await until(lambda: all(len(f.queue_ids()) == 1 for f in fakes))
             nursery.cancel_scope.cancel()
-        # Right after the cancellation: nothing pending, nothing running on any server.
+        # Right after the cancellation: nothing pending, nothing running on any server
+        # (virtual seconds: the images would take 300).
         with trio.fail_after(2):
             for fake in fakes:
                 await fake.wait_idle()

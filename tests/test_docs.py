@@ -28,7 +28,7 @@ import trio
 from conftest import WORKFLOWS, png_bytes
 
 import comfytrio
-from comfytrio._cli import build_parser
+from comfytrio.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import until
 from test_plugins_support import Route, local_client, start_http_server
 
 from comfytrio import DownloadError, UnsafeNameError
@@ -189,23 +190,26 @@ def test_names_with_sub_folders_stay_inside(tmp_path: Path) -> None:
 
 
 async def test_a_cancelled_download_leaves_no_file_and_the_next_caller_takes_over(
-    nursery: trio.Nursery, tmp_path: Path
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    server = await start_http_server(nursery, {"/slow": Route(BODY, delay=0.3)})
+    server = await start_http_server(nursery, {"/slow": Route(BODY, delay=3)})
     downloader = Downloader()
     dest = tmp_path / "slow.safetensors"
     async with local_client() as http:
-        with trio.move_on_after(0.1):
-            await downloader.download(http, server.url("/slow"), dest)
+        async with trio.open_nursery() as caller:
+            caller.start_soon(partial(downloader.download, http, server.url("/slow"), dest))
+            await until(lambda: server.count("/slow") == 1)  # its request is out
+            caller.cancel_scope.cancel()
         assert leftovers(tmp_path) == []
         assert await downloader.download(http, server.url("/slow"), dest)
     assert dest.read_bytes() == BODY
+    assert server.count("/slow") == 2
 
 
 async def test_a_waiter_takes_over_when_the_first_caller_is_cancelled(
-    nursery: trio.Nursery, tmp_path: Path
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    server = await start_http_server(nursery, {"/slow": Route(BODY, delay=0.2)})
+    server = await start_http_server(nursery, {"/slow": Route(BODY, delay=3)})
     downloader = Downloader()
     dest = tmp_path / "slow.safetensors"
     async with local_client() as http, trio.open_nursery() as callers:
@@ -219,9 +223,9 @@ async def test_a_waiter_takes_over_when_the_first_caller_is_cancelled(
             assert await downloader.download(http, server.url("/slow"), dest)
 
         callers.start_soon(impatient)
-        await trio.sleep(0.05)
+        await until(lambda: server.count("/slow") == 1)  # the first caller's request is out
         callers.start_soon(patient)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the second waits for the first
         first.cancel()
     assert dest.read_bytes() == BODY
     assert server.count("/slow") == 2
@@ -297,7 +301,8 @@ async def start_trickle_server(nursery: trio.Nursery) -> TrickleServer:
 def clock() -> trio.testing.MockClock:
     """A virtual clock that jumps once every task has been blocked for 20 ms of real time
     (not at once, as ``autojump_clock`` does: the downloader makes its folder and files in
-    threads, and a jump while one runs would pass the deadline before the request is sent)."""
+    threads, and a jump while one runs would pass the deadline before the request is sent).
+    The servers' delays and the downloads' deadlines here are virtual seconds."""
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 

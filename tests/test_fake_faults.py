@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 import trio
+import trio.testing
 from conftest import Comfy, load_workflow
 
 from comfytrio.testing import FakeComfyUI
@@ -66,7 +66,7 @@ async def test_crash_mid_prompt_then_restart(comfy: Comfy) -> None:
     await listener.wait_for(lambda m: m["type"] == "executing" and m["data"]["node"] == "2")
     half_sent = socket.create_connection(("127.0.0.1", comfy.fake.port))
     half_sent.sendall(b"GET /system_stats HTTP/1.1\r\nHost: x\r\n")
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the server has accepted it, and reads
     comfy.fake.crash()
     assert await listener.wait_closed() == 1006
     half_sent.settimeout(2)
@@ -87,7 +87,7 @@ async def test_crash_mid_prompt_then_restart(comfy: Comfy) -> None:
     assert entry["status"]["status_str"] == "success"
 
 
-async def test_crash_on_node(comfy: Comfy) -> None:
+async def test_crash_on_node(autojump_clock: trio.testing.MockClock, comfy: Comfy) -> None:
     comfy.fake.add_model("checkpoints", "juggernaut_xl.safetensors")
     comfy.fake.add_model("loras", "detail_enhancer.safetensors")
     comfy.fake.crash_on_node("KSampler")
@@ -105,7 +105,7 @@ async def test_crash_on_node(comfy: Comfy) -> None:
     assert entry["status"]["status_str"] == "success"  # the crash fault fired once
 
 
-async def test_hang_and_unhang(comfy: Comfy) -> None:
+async def test_hang_and_unhang(autojump_clock: trio.testing.MockClock, comfy: Comfy) -> None:
     listener = await comfy.listen()
     comfy.fake.hang()
     answered: list[int] = []
@@ -115,7 +115,7 @@ async def test_hang_and_unhang(comfy: Comfy) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask)
-        with trio.move_on_after(0.3):
+        with trio.move_on_after(5):  # virtual seconds: nothing moves while hung
             await listener.wait_for(lambda m: m["type"] != "status", start=1)
         assert answered == []
         with socket.create_connection(("127.0.0.1", comfy.fake.port), timeout=1):
@@ -124,41 +124,49 @@ async def test_hang_and_unhang(comfy: Comfy) -> None:
     assert answered == [200]
 
 
-async def test_hang_pauses_execution_and_websockets(comfy: Comfy) -> None:
+async def test_hang_pauses_execution_and_websockets(
+    autojump_clock: trio.testing.MockClock, comfy: Comfy
+) -> None:
     listener = await comfy.listen()
-    comfy.fake.set_node_seconds("1", 0.2)
+    comfy.fake.set_node_seconds("1", 2)
     prompt_id = (await comfy.submit(tiny(7))).json()["prompt_id"]
     await listener.wait_for(lambda m: m["type"] == "execution_start")
     comfy.fake.hang()
-    await trio.sleep(0.05)  # a frame already being sent may still arrive
+    await trio.testing.wait_all_tasks_blocked()  # a frame already being sent may still arrive
     seen = len(listener.messages)
-    await trio.sleep(0.4)
+    await trio.sleep(8)  # virtual: four times the node's time, and nothing comes
     assert len(listener.messages) == seen
+    assert comfy.fake.history() == {}
     comfy.fake.unhang()
     await listener.wait_done(prompt_id)
 
 
 async def test_slow_start(
+    autojump_clock: trio.testing.MockClock,
     fake_comfyui_factory: Callable[..., Awaitable[FakeComfyUI]],
 ) -> None:
-    started = time.perf_counter()
-    fake = await fake_comfyui_factory(startup_delay=0.5)
+    started = trio.current_time()
+    fake = await fake_comfyui_factory(startup_delay=5)
     assert fake.port != 0
     await _refused(fake.url)
     await fake.wait_ready()
-    assert time.perf_counter() - started >= 0.45
+    assert trio.current_time() - started >= 5
     async with httpx.AsyncClient(base_url=fake.url) as http:
         assert (await http.get("/system_stats")).status_code == 200
-    await fake.restart(startup_delay=0.3)
+    restarted = trio.current_time()
+    await fake.restart(startup_delay=3)
     await _refused(fake.url)
     await fake.wait_ready()
     assert fake.is_up
+    assert trio.current_time() - restarted >= 3
 
 
-async def test_drop_websockets_keeps_http(comfy: Comfy) -> None:
+async def test_drop_websockets_keeps_http(
+    autojump_clock: trio.testing.MockClock, comfy: Comfy
+) -> None:
     first = await comfy.listen("dropped")
     other = await comfy.listen("other")
-    comfy.fake.set_node_seconds("1", 0.3)
+    comfy.fake.set_node_seconds("1", 3)
     prompt_id = (await comfy.submit(tiny(8), client_id="dropped")).json()["prompt_id"]
     await first.wait_for(lambda m: m["type"] == "execution_start")
     comfy.fake.drop_websockets()

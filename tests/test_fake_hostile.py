@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from conftest import Comfy
 from test_fake_faults import tiny
 
@@ -135,9 +136,11 @@ async def test_send_ws_bytes_is_a_binary_frame(
     assert await raw_ws.frame() == (True, 0, 0x2, b"\x00\x00\x00\x01")
 
 
-async def test_send_ws_for_the_running_prompt(comfy: Comfy) -> None:
+async def test_send_ws_for_the_running_prompt(
+    autojump_clock: trio.testing.MockClock, comfy: Comfy
+) -> None:
     listener = await comfy.listen()
-    comfy.fake.set_node_seconds("1", 0.3)
+    comfy.fake.set_node_seconds("1", 3)
     prompt_id = (await comfy.submit(tiny(1))).json()["prompt_id"]
     await listener.wait_for(lambda m: m["type"] == "execution_start")
     assert comfy.fake.running_id == prompt_id
@@ -444,12 +447,12 @@ async def test_corrupt_history_of_one_prompt_with_a_function(
 
 
 async def test_hostile_messages_wait_while_hung(
-    fake_comfyui: FakeComfyUI, raw_ws: RawWebSocket
+    autojump_clock: trio.testing.MockClock, fake_comfyui: FakeComfyUI, raw_ws: RawWebSocket
 ) -> None:
     fake_comfyui.hang()
     fake_comfyui.send_ws("held")
     fake_comfyui.ping_ws(b"held too")
-    with trio.move_on_after(0.2):
+    with trio.move_on_after(5):  # virtual seconds
         await raw_ws.frame()
         raise AssertionError("a message got out while hung")
     fake_comfyui.unhang()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -134,11 +133,10 @@ async def test_start_failures(spawn: Spawn, tmp_path: Path) -> None:
 async def test_startup_delay_then_sigterm(spawn: Spawn, tmp_path: Path) -> None:
     install = lay_out_fake_comfyui_install(tmp_path / "ComfyUI")
     port = free_port()
-    started = time.perf_counter()
     child = await spawn(
         [sys.executable, "main.py", "--cpu", "--port", str(port)],
         cwd=install,
-        env={"COMFYTRIO_FAKE_STARTUP_DELAY": "0.6"},
+        env={"COMFYTRIO_FAKE_STARTUP_DELAY": "0.2"},
     )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         refused = 0
@@ -151,11 +149,13 @@ async def test_startup_delay_then_sigterm(spawn: Spawn, tmp_path: Path) -> None:
                     refused += 1
                     await trio.sleep(0.05)
         assert response.status_code == 200
-        assert refused > 0
-        assert time.perf_counter() - started >= 0.6
-    begun = time.perf_counter()
+        assert refused > 0  # refused while it waited, then ready
+    output = child.output
+    assert "starting in 0.2 s" in output
+    assert output.index("starting in 0.2 s") < output.index("To see the GUI go to: ")
+    # SIGTERM ends it at once: killed by the signal, not ComfyUI's SIGINT shutdown.
     assert await child.stop(signal.SIGTERM) == -signal.SIGTERM
-    assert time.perf_counter() - begun < 2
+    assert "Stopped server" not in child.output
 
 
 async def test_models_nodes_and_crash_knobs(

@@ -13,27 +13,21 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from conftest import until
 from test_api import alive, free_ports
 
 from comfytrio import (
     ComfyAPI,
     ComfyAPIError,
     ComfyUIInstance,
-    FaultPolicy,
     GPUInfo,
     JobResult,
     ServerLostError,
 )
-from comfytrio.testing import FakeComfyUI, lay_out_fake_comfyui_install
+from comfytrio.testing import FakeComfyUI, fast_fault_policy, lay_out_fake_comfyui_install
 
-FAST = FaultPolicy(
-    restart_backoff=0.2,
-    health_interval=0.1,
-    hang_timeout=0.5,
-    reconnect_timeout=1.0,
-    silence_timeout=0.3,
-    no_instance_timeout=3.0,
-)
+FAST = fast_fault_policy()
 
 JOB: dict[str, Any] = {
     "1": {
@@ -114,15 +108,14 @@ async def test_a_killed_process_is_restarted_and_its_shard_runs_again(tmp_path: 
                 results.append(await api.run_workflow(JOB, params=params("k", 4)))
 
             nursery.start_soon(job)
-            await trio.sleep(0.4)  # both shards are running
+            # Both shards are inside their servers (our processes: real time, real I/O).
+            await until(lambda: all(i.in_flight for i in api.statistics().instances), timeout=15)
             os.kill(old_pid, signal.SIGKILL)
         check_reported_once(results[0], 4)
         assert results[0].ok
         with trio.fail_after(15):
-            while True:
-                if victim.state == "ready":
-                    break
-                await trio.sleep(0.05)
+            while victim.state != "ready":
+                await victim.wait_state_change()
         assert victim.process.pid != old_pid
         stats = {s.name: s for s in api.statistics().instances}
         assert stats[victim.name].restarts == 1
@@ -148,10 +141,8 @@ async def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
         hung_pid = instance.process.pid
         os.kill(hung_pid, signal.SIGSTOP)  # accepts connections, answers nothing
         with trio.fail_after(15):
-            while True:
-                if instance.restarts == 1 and instance.state == "ready":
-                    break
-                await trio.sleep(0.05)
+            while not (instance.restarts == 1 and instance.state == "ready"):
+                await instance.wait_state_change()
         assert instance.hangs == 1
         assert not alive(hung_pid)
         result = await api.run_workflow(JOB, params=params("after-hang", 2))
@@ -162,10 +153,10 @@ async def test_a_hung_process_is_killed_and_restarted(tmp_path: Path) -> None:
 
 
 async def test_a_remote_server_that_restarts_loses_nothing(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
     for fake in fakes:
-        fake.set_seconds_per_image(0.2)
+        fake.set_seconds_per_image(2)
     async with remote(fakes, tmp_path) as api, trio.open_nursery() as nursery:
         results: list[JobResult] = []
 
@@ -173,16 +164,16 @@ async def test_a_remote_server_that_restarts_loses_nothing(
             results.append(await api.run_workflow(JOB, params=params("r", 6)))
 
         nursery.start_soon(job)
-        await trio.sleep(0.25)
+        await until(lambda: fakes[0].running_id is not None)
         await fakes[0].restart()  # its queue and history are gone
     check_reported_once(results[0], 6)
     assert results[0].ok
 
 
 async def test_a_remote_hung_server_takes_no_work_until_it_answers(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
-    fakes[0].set_seconds_per_image(0.5)
+    fakes[0].set_seconds_per_image(5)
     async with remote(fakes, tmp_path) as api:
         async with trio.open_nursery() as nursery:
             held: list[JobResult] = []
@@ -191,14 +182,12 @@ async def test_a_remote_hung_server_takes_no_work_until_it_answers(
                 held.append(await api.run_workflow(JOB, params=params("held", 6)))
 
             nursery.start_soon(job)
-            await trio.sleep(0.2)  # fakes[0] holds our prompts
+            await until(lambda: fakes[0].running_id is not None)  # it holds our prompts
             fakes[0].hang()
         check_reported_once(held[0], 6)  # they were sent elsewhere
         with trio.fail_after(10):
-            while True:
-                if api.instances[0].state == "hung":
-                    break
-                await trio.sleep(0.05)
+            while api.instances[0].state != "hung":
+                await api.instances[0].wait_state_change()
         result = await api.run_workflow(JOB, params=params("h", 3))
         check_reported_once(result, 3)
         assert {o.instance for o in result.outputs} <= {
@@ -207,25 +196,24 @@ async def test_a_remote_hung_server_takes_no_work_until_it_answers(
         }
         fakes[0].unhang()
         with trio.fail_after(10):
-            while True:
-                if api.instances[0].healthy:
-                    break
-                await trio.sleep(0.05)
+            await api.instances[0].wait_healthy()
         assert api.statistics().instances[0].hangs == 1
         # What it held when it hung was sent elsewhere: it must not run it now.
         assert fakes[0].queue_ids() == []
 
 
 async def test_prompts_cleared_by_someone_else_run_again(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
-    fakes[0].set_seconds_per_image(0.3)
-    async with remote(fakes[:1], tmp_path) as api, trio.open_nursery() as nursery:
+    fake = fakes[0]
+    fake.set_seconds_per_image(3)
+    async with remote([fake], tmp_path) as api, trio.open_nursery() as nursery:
         results: list[JobResult] = []
         for i in range(3):
             nursery.start_soon(partial(_collect, results, api, f"c{i}"))
-        await trio.sleep(0.15)  # one running, one pending inside ComfyUI
-        fakes[0].clear_queue()
+        # One running, one pending inside ComfyUI (two per instance), the third waits here.
+        await until(lambda: fake.running_id is not None and len(fake.queue_ids()) == 1)
+        fake.clear_queue()
     assert len(results) == 3
     for result in results:
         check_reported_once(result, 1)
@@ -236,25 +224,32 @@ async def _collect(results: list[JobResult], api: ComfyAPI, prefix: str) -> None
 
 
 async def test_no_endless_wait_when_every_server_is_gone(
-    fakes: list[FakeComfyUI], tmp_path: Path
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path
 ) -> None:
     async with remote(fakes[:1], tmp_path) as api:
         fakes[0].crash()  # and it never comes back
+        started = trio.current_time()
         with trio.fail_after(15), pytest.raises(ServerLostError):
             await api.run_workflow(JOB, params=params("gone", 1))
+        # Given up after no_instance_timeout (virtual seconds), not at once.
+        assert trio.current_time() - started >= FAST.no_instance_timeout
 
 
 # --------------------------------------------------------------------------- chaos
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-async def test_chaos(fakes: list[FakeComfyUI], tmp_path: Path, seed: int) -> None:
+async def test_chaos(
+    autojump_clock: trio.testing.MockClock, fakes: list[FakeComfyUI], tmp_path: Path, seed: int
+) -> None:
     """Hundreds of shards while servers crash, restart, hang and drop their sockets at
-    random (seeded: a failure replays with the same seed)."""
+    random (seeded: a failure replays with the same seed), on the virtual clock: the
+    seconds below cost no real time."""
     rng = random.Random(seed)
     for fake in fakes:
-        fake.set_seconds_per_image(0.01)
+        fake.set_seconds_per_image(0.04)
     outcomes: dict[int, JobResult | ComfyAPIError] = {}
+    actions: list[str] = []
 
     async def job(i: int) -> None:
         try:
@@ -267,6 +262,7 @@ async def test_chaos(fakes: list[FakeComfyUI], tmp_path: Path, seed: int) -> Non
             await trio.sleep(rng.uniform(0.1, 0.3))
             fake = rng.choice(fakes)
             action = rng.choice(["crash", "hang", "drop", "clear"])
+            actions.append(action)
             if action == "crash":
                 fake.crash()
                 await trio.sleep(rng.uniform(0.1, 0.4))
@@ -289,6 +285,7 @@ async def test_chaos(fakes: list[FakeComfyUI], tmp_path: Path, seed: int) -> Non
                     jobs.start_soon(job, i)
             outer.cancel_scope.cancel()
     assert len(outcomes) == 100
+    assert len(actions) >= 8, actions  # the jobs ran through the chaos, not before it
     succeeded = [r for r in outcomes.values() if isinstance(r, JobResult)]
     assert len(succeeded) >= 90, {type(e).__name__ for e in outcomes.values()}
     for result in succeeded:

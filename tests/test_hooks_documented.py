@@ -23,7 +23,12 @@ def hook_names() -> list[str]:
 
 
 def test_the_hooks_are_found() -> None:
-    assert hook_names() == ["default_params", "register_asset_resolvers", "register_param_types"]
+    assert hook_names() == [
+        "default_params",
+        "infer_param_type",
+        "register_asset_resolvers",
+        "register_param_types",
+    ]
 
 
 @pytest.mark.parametrize("name", hook_names())

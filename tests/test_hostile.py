@@ -23,8 +23,10 @@ live in one trio run for the whole test (starting them per example would be slow
 test is an ordinary pytest-trio test that starts the fakes (the plugin's factory) and hands
 hypothesis a worker thread (``trio.to_thread.run_sync``); there, a sync ``@given`` function
 runs each example back on the test's trio loop with ``trio.from_thread.run``. Examples run
-one at a time, on real sockets and the real clock (``FAST`` fault timeouts keep each one
-short). An exception that escapes the api is re-raised as it is (with a note), so that
+one at a time, on real sockets and trio's ``MockClock`` (``autojump_clock``: the ``FAST``
+fault timeouts and ``EXAMPLE_LIMIT`` are virtual seconds, which pass at once whenever every
+task waits; while hypothesis makes the next example in its thread, no timer of the api is
+left to jump to). An exception that escapes the api is re-raised as it is (with a note), so that
 hypothesis tells distinct bugs apart by where they were raised and shrinks each one.
 
 ``COMFYTRIO_HOSTILE_EXAMPLES=2000`` raises the number of examples per test (25 by
@@ -48,6 +50,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from test_fault_tolerance import FAST, JOB, params
@@ -795,22 +798,30 @@ async def test_harmless_hostile_switches_cost_nothing(pair: Pair) -> None:
     assert all(result.ok for result in outcome.results)
 
 
-async def test_garbage_on_the_websocket_costs_only_that_server(pair: Pair) -> None:
+async def test_garbage_on_the_websocket_costs_only_that_server(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     await run_examples(pair, ws_plans)
 
 
-async def test_garbage_answers_cost_only_that_server(pair: Pair) -> None:
+async def test_garbage_answers_cost_only_that_server(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     await run_examples(pair, http_plans)
 
 
-async def test_garbage_from_the_first_answer_costs_only_that_server(pair: Pair) -> None:
+async def test_garbage_from_the_first_answer_costs_only_that_server(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     await run_examples(pair, start_plans)
 
 
 # The examples the search found first, pinned (each once a failure; see the module's top).
 
 
-async def test_a_server_that_never_ends_its_prompt_and_breaks_queue(pair: Pair) -> None:
+async def test_a_server_that_never_ends_its_prompt_and_breaks_queue(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     """No ``executing`` end signal, and ``/queue`` answers garbage whenever the api asks
     where the prompt is: the bad shard must end (on ``bad``, or elsewhere), not wait."""
     plan = Plan(
@@ -820,13 +831,17 @@ async def test_a_server_that_never_ends_its_prompt_and_breaks_queue(pair: Pair) 
     await pair.example(plan)
 
 
-async def test_a_server_that_never_ends_its_prompt_and_breaks_history(pair: Pair) -> None:
+async def test_a_server_that_never_ends_its_prompt_and_breaks_history(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     """The same, with ``/history/{id}`` giving ``{id: []}`` for the prompt once it ran."""
     plan = Plan(corruptions=[History(Mutation(()), entry=[])], forget="executing")
     await pair.example(plan)
 
 
-async def test_a_refused_first_websocket_does_not_stop_the_api(pair: Pair) -> None:
+async def test_a_refused_first_websocket_does_not_stop_the_api(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
     """``bad`` answers its first websocket handshake with an HTML page: the api still opens
     on ``good`` (``min_instances=1``) and runs the job."""
     plan = Plan(

@@ -8,9 +8,11 @@ Three ways in:
 
 - ``await nursery.start(serve_fake_comfyui, root)`` returns a ``FakeComfyUI`` handle;
 - the pytest fixtures ``fake_comfyui`` and ``fake_comfyui_factory`` (this package's
-  pytest plugin, loaded automatically);
-- ``comfytrio fake-server --port P --root DIR`` on the command line, or
-  ``lay_out_fake_comfyui_install(dir)`` for a ``main.py`` that takes ComfyUI's flags.
+  pytest plugin, loaded automatically), and ``comfy_api``: a ready ``ComfyAPI`` on N
+  fakes (``comfy_fakes``), with ``fast_fault_policy()``'s short timeouts;
+- ``comfytrio fake-server --port P --root DIR`` on the command line (``run_fake_server``
+  from Python), or ``lay_out_fake_comfyui_install(dir)`` for a ``main.py`` that takes
+  ComfyUI's flags.
 
 Needs the ``comfytrio[testing]`` extra.
 """
@@ -20,9 +22,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ._install import lay_out_fake_comfyui_install
 
 if TYPE_CHECKING:
+    from comfytrio import FaultPolicy
+
+    from ._command import run_fake_server
     from ._fake import FakeComfyUI, serve_fake_comfyui
     from ._faults import RawBytes, websocket_frame
     from ._server import COMFYUI_VERSION
@@ -31,10 +38,41 @@ __all__ = [
     "COMFYUI_VERSION",
     "FakeComfyUI",
     "RawBytes",
+    "fast_fault_policy",
     "lay_out_fake_comfyui_install",
+    "run_fake_server",
     "serve_fake_comfyui",
     "websocket_frame",
 ]
+
+
+def fast_fault_policy(**changes: Any) -> FaultPolicy:
+    """A ``FaultPolicy`` for fault tests: what takes seconds to minutes by default takes a
+    fraction of a second, so a crashed, hung or restarted fake is noticed at once (with
+    ``autojump_clock`` none of it costs real time anyway). ``changes`` replace fields::
+
+        ComfyAPI(urls, faults=fast_fault_policy(max_shard_attempts=1))
+
+    Probes every 0.1 s (``health_interval``); hung after 0.5 s without a sign of life
+    (``hang_timeout``; found about 1 s after the server went quiet, as a probe is always
+    given 1 s); a websocket down 1 s fails the prompts in flight
+    (``reconnect_timeout``); a prompt quiet for 0.3 s is looked up (``silence_timeout``);
+    3 s with no instance able to take work fails what waits (``no_instance_timeout``);
+    first restart of a process of ours after 0.2 s (``restart_backoff``). Retry counts
+    (``max_shard_attempts``, ``max_restarts``) keep their defaults.
+    """
+    from comfytrio import FaultPolicy
+
+    fast = FaultPolicy(
+        restart_backoff=0.2,
+        health_interval=0.1,
+        hang_timeout=0.5,
+        reconnect_timeout=1.0,
+        silence_timeout=0.3,
+        no_instance_timeout=3.0,
+    )
+    return attrs.evolve(fast, **changes)
+
 
 # Imported on first use, so that loading the pytest plugin (this package's
 # ``pytest_plugin``, registered for every pytest run) does not need the testing extra.
@@ -44,6 +82,7 @@ _LAZY = {
     "COMFYUI_VERSION": "._server",
     "RawBytes": "._faults",
     "websocket_frame": "._faults",
+    "run_fake_server": "._command",
 }
 
 
