@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from comfytrio._cli import build_parser
+from comfytrio.cli import build_parser
 from comfytrio.testing import FakeComfyUI, _main, serve_fake_comfyui
 from comfytrio.testing._engine import Settings
 from comfytrio.testing._paths import FakePaths
