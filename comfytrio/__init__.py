@@ -8,14 +8,10 @@ from __future__ import annotations
 import logging
 
 from ._api import ComfyAPI as ComfyAPI
-from ._client import ClientStatistics as ClientStatistics
+from ._api import WorkflowOptions as WorkflowOptions
 from ._client import ComfyClient as ComfyClient
-from ._client import OutputRef as OutputRef
-from ._client import PromptResult as PromptResult
-from ._client import SubmittedPrompt as SubmittedPrompt
 from ._client import connect_comfy_client as connect_comfy_client
 from ._client import open_comfy_client as open_comfy_client
-from ._client import wait_server_ready as wait_server_ready
 from ._errors import ComfyAPIError as ComfyAPIError
 from ._errors import ComfyUIStartupError as ComfyUIStartupError
 from ._errors import ComfyUITimeoutError as ComfyUITimeoutError
@@ -24,6 +20,7 @@ from ._errors import ExecutionError as ExecutionError
 from ._errors import ExecutionInterruptedError as ExecutionInterruptedError
 from ._errors import GPUDetectionError as GPUDetectionError
 from ._errors import ModelNotFoundError as ModelNotFoundError
+from ._errors import NodeInputNotFoundError as NodeInputNotFoundError
 from ._errors import NodeTitleNotFoundError as NodeTitleNotFoundError
 from ._errors import ParamError as ParamError
 from ._errors import PluginError as PluginError
@@ -43,6 +40,7 @@ from ._events import NodeStarted as NodeStarted
 from ._events import PromptFinished as PromptFinished
 from ._events import PromptStarted as PromptStarted
 from ._events import QueueStatus as QueueStatus
+from ._http import HttpClient as HttpClient
 from ._instance import InstanceState as InstanceState
 from ._plan import JobPlan as JobPlan
 from ._plan import ShardPlan as ShardPlan
@@ -51,10 +49,14 @@ from ._plan import validate_params as validate_params
 from ._plugins import PluginEntry as PluginEntry
 from ._plugins import Plugins as Plugins
 from ._plugins import make_plugin_manager as make_plugin_manager
+from ._rest import wait_server_ready as wait_server_ready
+from ._results import ClientStatistics as ClientStatistics
+from ._results import OutputRef as OutputRef
+from ._results import PromptResult as PromptResult
+from ._results import SubmittedPrompt as SubmittedPrompt
 from ._scheduler import ApiStatistics as ApiStatistics
 from ._scheduler import InstanceStatistics as InstanceStatistics
 from ._scheduler import JobStatistics as JobStatistics
-from ._scheduler import ShardTask as ShardTask
 from ._scheduler import distribute as distribute
 from ._types import ComfyUIInstance as ComfyUIInstance
 from ._types import FaultPolicy as FaultPolicy

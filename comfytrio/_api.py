@@ -15,12 +15,12 @@ from typing import Any, TypedDict, Unpack
 import httpx
 import trio
 
-from ._client import tls_context
 from ._collect import OutputCollector
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT
 from ._errors import ComfyAPIError, unwrapped
 from ._fleet import start_all, watch_capacity
 from ._gpu import detect_gpus
+from ._http import default_ssl_context
 from ._instance import Instance, InstanceState
 from ._jobs import OutputTask, ShardWork, job_result, run_shard
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
@@ -255,7 +255,7 @@ class ComfyAPI:
         with unwrapped():
             async with (
                 httpx.AsyncClient(
-                    verify=tls_context(),
+                    verify=default_ssl_context(),
                     timeout=httpx.Timeout(300.0, connect=10.0),
                     follow_redirects=True,
                 ) as http,
@@ -372,7 +372,7 @@ class ComfyAPI:
             ]
             self._scheduler.submit(job_id, shards)
         finished = await self._scheduler.wait(job_id)
-        return job_result(job_id, finished, seed=plan.seed, started_at=started_at)
+        return job_result(job_id, finished, seed=plan.seed, started_at=started_at, split=plan.split)
 
     def _ready_instances(self) -> list[Instance]:
         """The instances ready now; ``ComfyAPIError`` when there are none."""

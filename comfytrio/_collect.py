@@ -11,11 +11,11 @@ import attrs
 import trio
 
 from ._client import PromptResult
+from ._concurrency import run_concurrently
 from ._errors import ComfyUITimeoutError, ServerProtocolError, UnsafeNameError
 from ._files import output_path
 from ._instance import Instance
 from ._types import OutputFile
-from .hookspecs import run_concurrently
 
 __all__ = ["OutputCollector"]
 

@@ -16,19 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
-from . import _firewall as firewall
-from ._client import (
-    ComfyClient,
-    OutputRef,
-    connect_comfy_client,
-    tls_context,
-    wait_server_ready,
-)
+from ._client import ComfyClient, OutputRef, connect_comfy_client, wait_server_ready
 from ._errors import ComfyAPIError
-from ._files import output_path
+from ._files import atomic_file, output_path, safe_join
 from ._process import LaunchSpec, RunningProcess, run_comfyui
 
 __all__ = ["Instance", "InstanceState"]
@@ -116,7 +108,7 @@ class Instance:
     client_options: dict[str, Any] = attrs.field(factory=dict)
     """Keyword arguments for ``connect_comfy_client`` (timeouts)."""
     ssl_context: ssl.SSLContext | None = None
-    """Checks an https server's certificate (None: the system's CAs)."""
+    """Checks an https server's certificate (None: ``default_ssl_context()``)."""
     max_restarts: int = 5
     """How often our process is restarted after it died, before the instance is given up."""
     restart_backoff: float = 1.0
@@ -352,18 +344,10 @@ class Instance:
             except ComfyAPIError as exc:
                 failure = str(exc)
             try:
-                async with httpx.AsyncClient(
-                    base_url=client.url,
-                    verify=self.ssl_context or tls_context(),
-                    timeout=client.http.timeout,
-                ) as fresh:
-                    r = await fresh.get("/system_stats")
-                    if r.status_code != 200:
-                        return f"{failure}; then on a new connection: HTTP {r.status_code}"
-                    firewall.system_stats(firewall.loads(r.content, "/system_stats"))
-                    return None
-            except (httpx.HTTPError, firewall.Malformed) as exc:
-                failure = f"{failure}; then on a new connection: {exc!r}"
+                await client.system_stats(new_connection=True)
+                return None
+            except ComfyAPIError as exc:
+                failure = f"{failure}; then on a new connection: {exc}"
         return failure
 
     async def _find_local_dirs(self, stats: dict[str, Any]) -> None:
@@ -398,9 +382,10 @@ class Instance:
 
     async def upload_image(self, filename: str, data: bytes) -> str:
         """Put an input image where this server's LoadImage finds it; return its name."""
-        if self.input_dir is not None:
-            await trio.Path(self.input_dir).mkdir(parents=True, exist_ok=True)
-            await trio.Path(self.input_dir / filename).write_bytes(data)
+        if self.input_dir is not None:  # written atomically: ComfyUI never sees half of it
+            async with atomic_file(safe_join(self.input_dir, filename)) as out:
+                await out.write(data)
+                await out.commit()
             return filename
         return await self._require_client().upload_image(filename, data)
 

@@ -1,46 +1,60 @@
-"""The client half of RFC 6455 that reading ComfyUI's event stream needs, on a trio stream.
+"""The client side of a websocket (RFC 6455) on a trio stream, with wsproto for the protocol.
 
 ComfyUI sends one small JSON text message per event (about 16 for a four-node prompt) and
-binary previews; we send nothing but pongs and a close. A general websocket library costs
-more CPU per message than the rest of a prompt's handling together (a reader task, a memory
-channel, a generic frame parser), so this module does only what the event stream needs:
+binary previews; we send a first JSON message (``feature_flags``), pongs and a close. wsproto
+writes the opening handshake and checks the answer (``101``, ``Upgrade: websocket``,
+``Connection: Upgrade``, ``Sec-WebSocket-Accept``), parses and checks frames (reserved bits,
+opcodes, masking, the size and ``FIN`` of control frames, UTF-8 of text, close codes) and
+masks ours. This module adds what wsproto leaves to its user:
 
-- the opening handshake (``Sec-WebSocket-Accept`` checked, no extensions, no subprotocol);
-- frames parsed straight out of one receive buffer, many per ``receive_some``;
-- fragmented messages reassembled, bounded by ``max_message_size``;
-- pings answered, a close answered and reported, binary messages skipped.
+- many frames parsed out of each ``receive_some``, no background task;
+- fragmented messages joined, bounded by ``max_message_size`` (close ``1009``);
+- pings answered, a close answered and reported;
+- ``WebSocketClosed`` for every way the connection ends: the server's close (its code), a
+  protocol violation the server committed (``1002``, or ``1007`` for bad UTF-8: we close
+  with that code), a stream that just stops or breaks (``1006``).
 
-The caller owns the stream (opens and closes it); ``WebSocketClosed`` reports every way the
-connection can end, including a stream that just stops (code 1006).
+The caller owns the stream (opens and closes it); one task receives at a time.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import os
-import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
 
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["WebSocket", "WebSocketClosed", "WebSocketHandshakeError", "websocket_handshake"]
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_HEADER = 64 * 1024
 _RECEIVE = 256 * 1024
+"""Bytes asked of the stream per read."""
 
-_CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
-_CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class WebSocketHandshakeError(Exception):
-    """The server did not accept the websocket (not ``101``, or a wrong accept key)."""
+    """The server did not accept the websocket: not ``101``, a wrong ``Sec-WebSocket-Accept``,
+    a missing ``Upgrade``, or the connection ended first."""
 
 
 class WebSocketClosed(Exception):
-    """The connection ended: ``code`` 1006 when it ended without a close frame."""
+    """The connection ended: ``code`` is the close code (1006 when it ended without a close
+    frame), ``reason`` says why."""
 
     def __init__(self, code: int, reason: str = "") -> None:
         self.code = code
@@ -49,186 +63,156 @@ class WebSocketClosed(Exception):
 
 
 async def websocket_handshake(
-    stream: trio.abc.Stream, host: str, resource: str, *, max_message_size: int
+    stream: trio.abc.Stream,
+    host: str,
+    resource: str,
+    *,
+    max_message_size: int,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> WebSocket:
-    """Upgrade ``stream`` (already connected to ``host``) to a websocket on ``resource``."""
-    key = base64.b64encode(os.urandom(16))
-    await stream.send_all(
-        b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        % (resource.encode(), host.encode(), key)
-    )
-    buffer = bytearray()
-    while (end := buffer.find(b"\r\n\r\n")) < 0:
-        if len(buffer) > _MAX_HEADER:
-            raise WebSocketHandshakeError("the handshake answer has no end of headers")
-        data = await stream.receive_some(_RECEIVE)
-        if not data:
-            raise WebSocketHandshakeError("the server closed the connection during the handshake")
-        buffer += data
-    head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    status = head[0].split(" ", 2)
-    if len(status) < 2 or status[1] != "101":
-        raise WebSocketHandshakeError(f"the server answered {head[0]!r}, not 101")
-    headers = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    expected = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
-    if headers.get("sec-websocket-accept") != expected:
-        raise WebSocketHandshakeError("the server's Sec-WebSocket-Accept does not match our key")
-    return WebSocket(stream, bytes(buffer[end + 4 :]), max_message_size)
+    """Upgrade ``stream`` (already connected to ``host``, the ``Host`` header) to a websocket
+    on ``resource`` (path and query), sending ``headers`` too. Messages longer than
+    ``max_message_size`` (bytes, or characters of text) are refused. Raises
+    ``WebSocketHandshakeError``."""
+    client = WSConnection(ConnectionType.CLIENT)
+    extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    try:
+        await stream.send_all(client.send(Request(host, resource, extra_headers=extra)))
+        while True:
+            data = await stream.receive_some(_RECEIVE)
+            if not data:
+                raise WebSocketHandshakeError(
+                    "the server closed the connection during the handshake"
+                )
+            client.receive_data(cast("bytes", data))  # trio's streams may give a bytearray
+            for event in client.events():
+                if isinstance(event, AcceptConnection):
+                    connection = client.connection
+                    assert connection is not None  # wsproto made it with AcceptConnection
+                    return WebSocket(stream, connection, max_message_size)
+                if isinstance(event, RejectConnection):
+                    raise WebSocketHandshakeError(
+                        f"the server answered HTTP {event.status_code}, not 101"
+                    )
+    except RemoteProtocolError as exc:
+        detail = f"{exc} ({exc.__context__})" if exc.__context__ else str(exc)
+        raise WebSocketHandshakeError(f"not a websocket handshake answer: {detail}") from exc
+    except _GONE as exc:
+        raise WebSocketHandshakeError(
+            f"the connection broke during the handshake: {exc!r}"
+        ) from exc
 
 
 class WebSocket:
     """An open websocket on a stream the caller owns; made by ``websocket_handshake``."""
 
-    def __init__(self, stream: trio.abc.Stream, pending: bytes, max_message_size: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, connection: Connection, max_size: int) -> None:
         self._stream = stream
-        self._buffer = bytearray(pending)
-        self._pos = 0
-        self._max = max_message_size
-        self._fragments: list[bytes] = []
-        self._fragment_size = 0
-        self._fragment_opcode = _TEXT
+        self._connection = connection
+        self._max = max_size
+        self._events: deque[Event] = deque(connection.events())  # frames sent with the 101
+        self._parts: list[Any] = []  # of the message being reassembled: str or bytes
+        self._size = 0
+        self._send_lock = trio.Lock()
         self.closed: WebSocketClosed | None = None
         """Why it ended, once it did."""
 
-    async def receive_text(self) -> str:
-        """The next text message (binary ones are skipped).
+    async def receive(self) -> str | bytes:
+        """The next message: ``str`` for a text one, ``bytes`` for a binary one.
 
         Raises ``WebSocketClosed`` when the server closes (after answering its close frame),
-        when the stream ends, or when a message is larger than ``max_message_size`` (1009) or
-        breaks the protocol (1002); ``trio.BrokenResourceError`` and ``OSError`` as the
-        stream raises them.
+        when the stream ends or breaks (1006), when a message is larger than
+        ``max_message_size`` (1009) or the server breaks the protocol (1002, 1007).
         """
         if self.closed is not None:
             raise self.closed
+        events = self._events
         while True:
-            message = self._next_message()
-            if message is None:
+            if not events:
                 await self._fill()
-            elif isinstance(message, str):
-                return message
-            else:
-                await self._answer_control(*message)
-
-    async def aclose(self, code: int = 1000) -> None:
-        """Send a close frame (best effort); the caller then closes the stream."""
-        if self.closed is None:
-            self.closed = WebSocketClosed(code, "closed by us")
-            with contextlib.suppress(*_GONE):
-                await self._send(_CLOSE, struct.pack("!H", code))
-
-    # ------------------------------------------------------------------ frames
-
-    def _next_message(self) -> str | tuple[int, bytes] | None:
-        """Parse frames from the buffer: a text message, a control frame to answer, or None
-        when more bytes are needed."""
-        buffer, pos = self._buffer, self._pos
-        while True:
-            available = len(buffer) - pos
-            if available < 2:
-                break
-            first, second = buffer[pos], buffer[pos + 1]
-            if first & 0x70:  # no extension was agreed, so no RSV bit may be set
-                raise self._fail(1002, "a frame with reserved bits set")
-            length = second & 0x7F
-            header = 2
-            if length == 126:
-                if available < 4:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-                header = 4
-            elif length == 127:
-                if available < 10:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
-                header = 10
-            mask = b""
-            if second & 0x80:  # servers must not mask; unmask anyway
-                mask = bytes(buffer[pos + header : pos + header + 4])
-                header += 4
-            opcode = first & 0x0F
-            if length > self._max or self._fragment_size + length > self._max:
-                raise self._fail(1009, f"a message is larger than {self._max} bytes")
-            if available < header + length:
-                break
-            payload = bytes(buffer[pos + header : pos + header + length])
-            pos += header + length
-            self._pos = pos
-            if mask:
-                payload = _unmask(payload, mask)
-            if opcode >= _CLOSE:
-                # RFC 6455 5.5: control frames are short and never fragmented; answering a
-                # longer ping would need a frame we cannot (and must not) send.
-                if length > 125 or not first & 0x80 or opcode > _PONG:
-                    raise self._fail(1002, f"a bad control frame (opcode {opcode}, {length} bytes)")
-                return opcode, payload
-            final = bool(first & 0x80)
-            if opcode == _CONTINUATION:
-                if not self._fragments:
-                    raise self._fail(1002, "a continuation frame without a first frame")
-            elif opcode in (_TEXT, _BINARY):
-                if self._fragments:
-                    raise self._fail(1002, "a new message before the last one ended")
-                self._fragment_opcode = opcode
-            else:
-                raise self._fail(1002, f"unknown opcode {opcode}")
-            if not final:
-                self._fragments.append(payload)
-                self._fragment_size += len(payload)
                 continue
-            if self._fragments:
-                self._fragments.append(payload)
-                payload = b"".join(self._fragments)
-                self._fragments, self._fragment_size = [], 0
-            if self._fragment_opcode == _TEXT:
-                try:
-                    return payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise self._fail(1007, "a text message is not UTF-8") from None
-        if pos > 0 and pos * 2 >= len(buffer):
-            del buffer[:pos]
-            self._pos = 0
-        return None
+            event = events.popleft()
+            if isinstance(event, (TextMessage, BytesMessage)):
+                data = event.data
+                size = self._size + len(data)
+                if size > self._max:
+                    raise await self._fail(1009, f"a message is larger than {self._max} bytes")
+                if not event.message_finished:
+                    self._parts.append(data)
+                    self._size = size
+                elif self._parts:
+                    self._parts.append(data)
+                    parts, self._parts, self._size = self._parts, [], 0
+                    return "".join(parts) if isinstance(data, str) else b"".join(parts)
+                else:
+                    return data if isinstance(data, str) else bytes(data)  # no copy of bytes
+            elif isinstance(event, Ping):
+                await self._send(event.response())
+            elif isinstance(event, CloseConnection):
+                raise await self._closed_by(event)
+            # Pong: nothing to do
 
-    async def _fill(self) -> None:
+    async def receive_text(self) -> str:
+        """The next text message (binary ones are skipped); raises as ``receive``."""
+        while True:
+            message = await self.receive()
+            if isinstance(message, str):
+                return message
+
+    async def send_text(self, text: str) -> None:
+        """Send a text message; ``WebSocketClosed`` once the connection ended."""
         if self.closed is not None:
             raise self.closed
-        data = await self._stream.receive_some(_RECEIVE)
+        await self._send(TextMessage(text))
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Send a close frame (best effort) unless it ended already; the caller then closes
+        the stream."""
+        if self.closed is None:
+            self.closed = WebSocketClosed(code, "closed by us")
+            await self._send_quietly(CloseConnection(code))
+
+    # ------------------------------------------------------------------ internals
+
+    async def _fill(self) -> None:
+        """Read from the stream and parse what came."""
+        try:
+            data = await self._stream.receive_some(_RECEIVE)
+        except _GONE as exc:
+            raise self._end(1006, f"the connection broke: {exc!r}") from exc
         if not data:
-            raise self._fail(1006, "the connection ended without a close frame")
-        self._buffer += data
+            raise self._end(1006, "the connection ended without a close frame")
+        self._connection.receive_data(cast("bytes", data))
+        self._events.extend(self._connection.events())
 
-    async def _answer_control(self, opcode: int, payload: bytes) -> None:
-        if opcode == _PING:
-            await self._send(_PONG, payload)
-        elif opcode == _CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            reason = payload[2:].decode("utf-8", "replace")
-            if self.closed is None:
-                with contextlib.suppress(*_GONE):
-                    await self._send(_CLOSE, payload[:2])
-            raise self._fail(code, reason)
+    async def _closed_by(self, event: CloseConnection) -> WebSocketClosed:
+        """The server's close frame (answered), or wsproto's verdict on a frame it sent."""
+        if self._connection.state is ConnectionState.REMOTE_CLOSING:
+            closed = self._end(int(event.code), event.reason or "")
+            await self._send_quietly(CloseConnection(event.code))  # its code, echoed
+            return closed
+        return await self._fail(int(event.code), event.reason or "a protocol violation")
 
-    def _fail(self, code: int, reason: str) -> WebSocketClosed:
-        self.closed = WebSocketClosed(code, reason)
+    async def _fail(self, code: int, reason: str) -> WebSocketClosed:
+        """We end it: a close frame with ``code`` (best effort)."""
+        closed = self._end(code, reason)
+        await self._send_quietly(CloseConnection(code))
+        return closed
+
+    def _end(self, code: int, reason: str) -> WebSocketClosed:
+        """Record why it ended (the first reason stays) and return it."""
+        if self.closed is None:
+            self.closed = WebSocketClosed(code, reason)
         return self.closed
 
-    async def _send(self, opcode: int, payload: bytes) -> None:
-        """One masked frame (clients must mask); payloads here are control-sized."""
-        mask = os.urandom(4)
-        await self._stream.send_all(
-            bytes((0x80 | opcode, 0x80 | len(payload))) + mask + _unmask(payload, mask)
-        )
+    async def _send(self, event: Event) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(self._connection.send(event))
+            except _GONE as exc:
+                raise self._end(1006, f"the connection broke: {exc!r}") from exc
 
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR ``payload`` with the repeated 4-byte ``mask`` (the same both ways)."""
-    if not payload:
-        return payload
-    repeated = (mask * (len(payload) // 4 + 1))[: len(payload)]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-        len(payload), "big"
-    )
+    async def _send_quietly(self, event: CloseConnection) -> None:
+        """Send a close frame, unless the connection cannot carry one any more."""
+        with contextlib.suppress(WebSocketClosed, LocalProtocolError):
+            await self._send(event)

@@ -17,8 +17,9 @@ How a job uses them (``plan_job``):
 2. Every param: its ``ParamType.validate``, then ``ParamType.input_for`` of each node it
    maps by plain title; every resolver: ``AssetResolver.check``. No I/O has happened yet,
    so a bad param never downloads anything.
-3. Concurrently: ``ParamType.prepare`` once per param, ``AssetResolver.resolve`` once per
-   resolver (downloads, uploads, model checks).
+3. One after another: ``ParamType.prepare`` once per param, then ``AssetResolver.resolve``
+   once per resolver (downloads, uploads, model checks); each fans its own I/O out with
+   ``run_concurrently``. The first error is raised and nothing runs.
 4. Per shard: ``ParamType.split`` (``gpu_scale``), ``ParamType.shard_value``,
    ``ParamType.inject`` into each node mapped by title (``ParamType.inject_input`` into
    each ``"TITLE.INPUT"`` one), then ``AssetResolver.inject``.
@@ -26,17 +27,18 @@ How a job uses them (``plan_job``):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypedDict, Unpack
 
 import attrs
 import httpx
 import pluggy
-import trio
 
+from ._concurrency import run_concurrently
 from ._download import BodyCheck, Downloader, check_download_url, check_sha256, safe_join
-from ._errors import ComfyAPIError, ParamError, shown
+from ._errors import ParamError, shown
+from ._files import atomic_file
 from ._scheduler import distribute
 from ._types import LoRARef, ModelRef
 
@@ -51,6 +53,7 @@ __all__ = [
     "Param",
     "ParamType",
     "Shard",
+    "atomic_file",
     "check_download_url",
     "check_sha256",
     "default_params",
@@ -141,6 +144,20 @@ class Shard:
     """The job's seed (``JobPlan.seed``): derive randomness from it to stay reproducible."""
 
 
+class DownloadOptions(TypedDict, total=False):
+    """The optional keywords of ``Downloader.download``, which ``JobContext.download`` passes
+    on as they are."""
+
+    sha256: str | None
+    """The file's expected digest (hex)."""
+    max_bytes: int | None
+    """The size cap (None: the downloader's)."""
+    timeout: float | None
+    """Seconds for the whole transfer (None: the downloader's)."""
+    check_body: BodyCheck | None
+    """Why a body is not what the caller wants, or None when it is fine."""
+
+
 @attrs.frozen(eq=False)
 class JobContext:
     """What a job asks for and where it runs: handed to every param type and resolver.
@@ -169,29 +186,14 @@ class JobContext:
     downloader: Downloader
     """The api's downloader (single-flight, capped, atomic)."""
 
-    async def download(
-        self,
-        url: str,
-        dest: Path,
-        *,
-        sha256: str | None = None,
-        max_bytes: int | None = None,
-        timeout: float | None = None,
-        check_body: BodyCheck | None = None,
-    ) -> bool:
-        """``Downloader.download`` with the job's client: fetch ``url`` into ``dest`` unless
-        present, within ``timeout`` seconds (None: the downloader's); True when fetched.
-        Whether fetched or present, the file must be a regular file, match ``sha256`` (when
-        given) and pass ``check_body`` (when given). Raises ``DownloadError``."""
-        return await self.downloader.download(
-            self.http,
-            url,
-            dest,
-            sha256=sha256,
-            max_bytes=max_bytes,
-            timeout=timeout,
-            check_body=check_body,
-        )
+    async def download(self, url: str, dest: Path, **options: Unpack[DownloadOptions]) -> bool:
+        """``Downloader.download`` with the job's client, its keywords as they are
+        (``sha256=None``, ``max_bytes=None``, ``timeout=None``, ``check_body=None``): fetch
+        ``url`` into ``dest`` unless present, within ``timeout`` seconds (None: the
+        downloader's); True when fetched. Whether fetched or present, the file must be a
+        regular file, match ``sha256`` (when given) and pass ``check_body`` (when given).
+        Raises ``DownloadError``."""
+        return await self.downloader.download(self.http, url, dest, **options)
 
     async def fetch(
         self, url: str, *, max_bytes: int | None = None, timeout: float | None = None
@@ -350,34 +352,6 @@ class BaseAssetResolver:
 
     def inject(self, workflow: dict[str, Any], job: JobContext) -> None:
         """Nothing to change."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-async def run_concurrently(fns: Iterable[Callable[[], Awaitable[object]]]) -> None:
-    """Run every ``fn()`` at once in a trio nursery; on the first ``ComfyAPIError``, cancel
-    the others and raise it (not an exception group), with any other such errors that
-    happened meanwhile in its ``other_errors``. Other exceptions propagate as trio raises
-    them.
-    """
-    errors: list[ComfyAPIError] = []
-
-    async with trio.open_nursery() as nursery:
-
-        async def run(fn: Callable[[], Awaitable[object]]) -> None:
-            try:
-                await fn()
-            except ComfyAPIError as exc:
-                errors.append(exc)
-                nursery.cancel_scope.cancel()
-
-        for fn in fns:
-            nursery.start_soon(run, fn)
-    if errors:
-        first = errors[0]
-        first.other_errors.extend(errors[1:])
-        raise first
 
 
 # --------------------------------------------------------------------------- hooks

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
-import comfytrio._client
+import comfytrio._files
 from comfytrio import (
     ComfyClient,
     ComfyUITimeoutError,
@@ -27,7 +27,7 @@ from comfytrio import (
     WorkflowError,
     open_comfy_client,
 )
-from comfytrio._transport import ComfyTransport
+from comfytrio._http import HttpClient
 from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
 
 WORKFLOWS = Path(__file__).parent / "workflows"
@@ -242,10 +242,20 @@ async def test_download_writes_the_file_atomically(client: ComfyClient, tmp_path
     assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
 
 
+async def test_a_download_may_take_the_longest_name_a_file_system_allows(
+    client: ComfyClient, tmp_path: Path
+) -> None:
+    # The temp file has a short name of its own: one derived from dest's would be too long.
+    result = await client.run(empty_to_save(prefix="long"))
+    dest = await client.download(result.files[0], tmp_path / "got" / ("x" * 251 + ".png"))
+    assert dest.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
 async def test_a_large_download_is_written_in_pieces(
     fake: FakeComfyUI, client: ComfyClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(comfytrio._client, "_DOWNLOAD_SPILL", 64)
+    monkeypatch.setattr(comfytrio._files, "SPILL_BYTES", 64)
     result = await client.run(empty_to_save(prefix="big"))
     ref = result.files[0]
     dest = await client.download(ref, tmp_path / "got" / "x.png")
@@ -254,12 +264,11 @@ async def test_a_large_download_is_written_in_pieces(
     assert [p.name for p in dest.parent.iterdir()] == ["x.png"]
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["through-http", "direct"])
 @pytest.mark.parametrize("spill", [100, 8 * 1024 * 1024])
 async def test_a_download_cut_mid_body_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: int, direct: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: int
 ) -> None:
-    monkeypatch.setattr(comfytrio._client, "_DOWNLOAD_SPILL", spill)
+    monkeypatch.setattr(comfytrio._files, "SPILL_BYTES", spill)
 
     async def half_a_file(stream: trio.SocketStream) -> None:
         await stream.receive_some(4096)
@@ -269,18 +278,15 @@ async def test_a_download_cut_mid_body_leaves_no_file(
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, half_a_file, 0, host="127.0.0.1"))
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        transport = ComfyTransport()
-        async with httpx.AsyncClient(base_url=url, transport=transport) as http:
-            client = ComfyClient(
-                url=url, name="cut", client_id="c", http=http, direct=transport if direct else None
-            )
+        async with HttpClient(url) as http:
+            client = ComfyClient(url=url, name="cut", client_id="c", http=http)
             with pytest.raises(ServerLostError, match="GET /view"):
                 await client.download(OutputRef("9", "x.png", "", "output"), tmp_path / "x.png")
         nursery.cancel_scope.cancel()
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_the_per_job_requests_skip_httpx_s_client_layer_but_keep_its_settings() -> None:
+async def test_a_post_prompt_keeps_the_client_s_settings_and_a_timeout_is_server_lost() -> None:
     received: list[bytes] = []
 
     async def silent(stream: trio.SocketStream) -> None:
@@ -290,13 +296,9 @@ async def test_the_per_job_requests_skip_httpx_s_client_layer_but_keep_its_setti
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        transport = ComfyTransport()
-        http = httpx.AsyncClient(
-            base_url=url, transport=transport, timeout=0.2, headers={"X-Team": "render"}
-        )
-        async with http:
-            client = ComfyClient(url=url, name="quiet", client_id="c", http=http, direct=transport)
-            with trio.fail_after(5), pytest.raises(ServerLostError, match="ReadTimeout"):
+        async with HttpClient(url, timeout=0.2, headers={"X-Team": "render"}) as http:
+            client = ComfyClient(url=url, name="quiet", client_id="c", http=http)
+            with trio.fail_after(5), pytest.raises(ServerLostError, match="HTTPTimeout"):
                 await client.submit({"1": {"class_type": "EmptyImage", "inputs": {}}})
         nursery.cancel_scope.cancel()
     head, _, body = received[0].partition(b"\r\n\r\n")
@@ -305,27 +307,43 @@ async def test_the_per_job_requests_skip_httpx_s_client_layer_but_keep_its_setti
     assert json.loads(body)["client_id"] == "c"
 
 
-async def test_a_client_we_make_uses_its_transport_directly_unless_a_proxy_is_set(
-    fake: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+async def test_every_request_of_a_client_goes_through_its_http_client(
+    fake: FakeComfyUI, tmp_path: Path
 ) -> None:
     async with open_comfy_client(fake.url) as comfy:
-        assert isinstance(comfy.direct, ComfyTransport)
-        assert (await comfy.run(empty_to_save())).files
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    async with open_comfy_client(fake.url) as comfy:
-        assert comfy.direct is None  # httpx decides where each request goes
+        assert isinstance(comfy.http, HttpClient)
+        (ref,) = (await comfy.run(empty_to_save())).files
+        await comfy.download(ref, tmp_path / "x.png")
+        await comfy.cancel_prompt("gone")
+        stats = comfy.http.statistics()
+        assert stats.opened == 1  # one kept-alive connection for all of them
+        assert stats.reused >= 3
 
 
-async def test_requests_go_through_the_proxy_of_the_environment(
+async def test_requests_and_the_websocket_go_through_the_proxy_of_the_environment(
     fake: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[bytes] = []
+
+    async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
 
     async def proxy(stream: trio.SocketStream) -> None:
         head = b""
         while b"\r\n\r\n" not in head:
             head += await stream.receive_some(65536)
         seen.append(head.split(b"\r\n", 1)[0])
+        if head.startswith(b"CONNECT "):  # the websocket's tunnel
+            host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+            upstream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            async with upstream, trio.open_nursery() as tunnel:
+                tunnel.start_soon(pipe, stream, upstream)
+                await pipe(upstream, stream)
+                tunnel.cancel_scope.cancel()
+            return
         body = b'{"system": {"comfyui_version": "via proxy"}}'
         await stream.send_all(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -338,11 +356,16 @@ async def test_requests_go_through_the_proxy_of_the_environment(
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        async with open_comfy_client(fake.url) as comfy:  # the websocket goes straight there
+        async with open_comfy_client(fake.url) as comfy:
+            assert comfy.connected  # through the tunnel
             stats = await comfy.system_stats()
         nursery.cancel_scope.cancel()
     assert stats["system"]["comfyui_version"] == "via proxy"
-    assert seen == [f"GET {fake.url}/system_stats HTTP/1.1".encode()]
+    authority = fake.url.removeprefix("http://").encode()
+    assert seen == [
+        b"CONNECT %s HTTP/1.1" % authority,
+        f"GET {fake.url}/system_stats HTTP/1.1".encode(),
+    ]
 
 
 async def test_models_and_system_stats(fake: FakeComfyUI, client: ComfyClient) -> None:

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 import threading
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from comfytrio.hookspecs import (
     InstanceTarget,
     JobContext,
     Param,
+    atomic_file,
     check_download_url,
     run_concurrently,
     shown,
@@ -266,20 +266,15 @@ class ImageType(BaseParamType):
         if target.input_dir is None:
             return await target.upload_image(name, data)
         folder = Path(target.input_dir)
-        dest = trio.Path(folder / name)
-        tmp = trio.Path(folder / f".part-{secrets.token_hex(8)}")
         try:
-            if await _holds(dest, len(data)):  # named by content: the same bytes are there
+            if await _holds(trio.Path(folder / name), len(data)):  # named by content
                 return name
-            await trio.Path(folder).mkdir(parents=True, exist_ok=True)
-            await tmp.write_bytes(data)
-            await tmp.replace(dest)  # atomic: ComfyUI never sees half an image
+            async with atomic_file(folder / name) as out:  # ComfyUI never sees half an image
+                await out.write(data)
+                await out.commit()
         except OSError as exc:
             raise ComfyAPIError(
                 f"cannot write image {name} into the input folder of {target.name} "
                 f"({folder}): {exc}"
             ) from exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await tmp.unlink(missing_ok=True)
         return name
