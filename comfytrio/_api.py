@@ -372,7 +372,7 @@ class ComfyAPI:
             ]
             self._scheduler.submit(job_id, shards)
         finished = await self._scheduler.wait(job_id)
-        return job_result(job_id, finished, seed=plan.seed, started_at=started_at, split=plan.split)
+        return job_result(job_id, finished, seed=plan.seed, started_at=started_at)
 
     def _ready_instances(self) -> list[Instance]:
         """The instances ready now; ``ComfyAPIError`` when there are none."""
