@@ -17,6 +17,8 @@ _SERVE_OPTIONS = (
     "seconds_per_step",
     "startup_delay",
     "idle_timeout",
+    "previews",
+    "comfyui_version",
 )
 """The flags that go as they are to ``run_fake_server`` (``serve_fake_comfyui``)."""
 
@@ -59,17 +61,33 @@ def add_fake_server_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 75, as ComfyUI)",
         metavar="SECONDS",
     )
+    parser.add_argument(
+        "--comfyui-version",
+        default="0.3.64",
+        metavar="VERSION",
+        help="the ComfyUI version it speaks as: 0.3.64 (the recorded one, default) or 0.38.1 "
+        "(adds /api/jobs, job cancel, the canonical prompt_id check)",
+    )
+    parser.add_argument(
+        "--previews",
+        action="store_true",
+        help="samplers send a latent preview per step (as ComfyUI with --preview-method)",
+    )
 
 
 def fake_server(args: argparse.Namespace) -> int:
     """``comfytrio fake-server``: serve until Ctrl-C or SIGTERM."""
     try:
-        from ..testing import run_fake_server
+        from ..testing import COMFYUI_VERSIONS, run_fake_server
     except ImportError as exc:  # the testing extra is missing
         err(
             "comfytrio fake-server needs the testing extra: pip install "
             f"'comfytrio[testing]' ({exc})"
         )
+        return EXIT_USAGE
+    if args.comfyui_version not in COMFYUI_VERSIONS:
+        known = ", ".join(COMFYUI_VERSIONS)
+        err(f"comfytrio fake-server: --comfyui-version must be one of {known}")
         return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     root = args.root.resolve()

@@ -1,9 +1,12 @@
 """A fake ComfyUI server for tests, built from recordings of a real ComfyUI 0.3.64.
 
 It speaks ComfyUI's HTTP and websocket API (routes, status codes, JSON shapes, message
-order, validation errors, the classic cache), really runs the model-free nodes on Pillow
-images, simulates model nodes with a configurable GPU time, and can fail, crash, hang or
-drop its websockets on demand, or turn hostile (answers and messages no ComfyUI sends).
+order, binary frames, validation errors, the classic cache), really runs the model-free
+nodes on Pillow images, simulates model nodes with a configurable GPU time, and can fail,
+crash, hang or drop its websockets on demand, or turn hostile (answers and messages no
+ComfyUI sends). It speaks as 0.3.64 by default, or as a later version with its jobs API
+(``comfyui_version``, one of ``COMFYUI_VERSIONS``); ``decode_frame`` reads its binary
+frames as a client does.
 Three ways in:
 
 - ``await nursery.start(serve_fake_comfyui, root)`` returns a ``FakeComfyUI`` handle;
@@ -32,12 +35,17 @@ if TYPE_CHECKING:
     from ._command import run_fake_server
     from ._fake import FakeComfyUI, serve_fake_comfyui
     from ._faults import RawBytes, websocket_frame
+    from ._frames import DecodedFrame, decode_frame
+    from ._profiles import COMFYUI_VERSIONS
     from ._server import COMFYUI_VERSION
 
 __all__ = [
     "COMFYUI_VERSION",
+    "COMFYUI_VERSIONS",
+    "DecodedFrame",
     "FakeComfyUI",
     "RawBytes",
+    "decode_frame",
     "fast_fault_policy",
     "lay_out_fake_comfyui_install",
     "run_fake_server",
@@ -80,6 +88,9 @@ _LAZY = {
     "FakeComfyUI": "._fake",
     "serve_fake_comfyui": "._fake",
     "COMFYUI_VERSION": "._server",
+    "COMFYUI_VERSIONS": "._profiles",
+    "DecodedFrame": "._frames",
+    "decode_frame": "._frames",
     "RawBytes": "._faults",
     "websocket_frame": "._faults",
     "run_fake_server": "._command",

@@ -26,7 +26,8 @@ def run_fake_server(
     fake-server``).
 
     ``options`` are those of ``serve_fake_comfyui`` (``host``, ``port``: 0 for any free
-    one, ``seconds_per_image``, ``seconds_per_step``, ``startup_delay``, ``idle_timeout``...).
+    one, ``seconds_per_image``, ``seconds_per_step``, ``startup_delay``, ``idle_timeout``,
+    ``previews``, ``comfyui_version``...).
     ``on_ready(url)`` is called once it answers. Blocks (it runs its own trio loop) and
     returns once stopped. Raises ``OSError`` when it cannot listen; a ``KeyboardInterrupt``
     that comes before the signal handler is set propagates.

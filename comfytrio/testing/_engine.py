@@ -1,4 +1,5 @@
-"""The fake's prompt queue and its worker, after ComfyUI 0.3.64.
+"""The fake's prompt queue and its worker, after ComfyUI 0.3.64 (and what later versions
+changed at ``POST /prompt``, as the server's ``ComfyProfile`` says).
 
 ``POST /prompt`` validates (``_validate``) and queues; one worker runs one prompt at a time,
 lowest ``number`` first (``front`` prompts get a negative one), through the executor
@@ -15,20 +16,41 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from ._engine_execution import Executor
-from ._engine_history import History
+from ._engine_history import SENSITIVE_EXTRA_DATA, History
 from ._engine_state import MessageSink, ServerState, Settings
 from ._validate import validate_prompt
 
 # ``Settings`` lives in ``_engine_state``; importable from here too, where it used to be.
-__all__ = ["Engine", "Queued", "Settings", "member"]
+__all__ = ["Engine", "Queued", "Settings", "is_canonical_uuid", "member"]
 
 logger = logging.getLogger("comfytrio.testing")
+
+
+_INVALID_PROMPT_ID = {
+    "type": "invalid_prompt_id",
+    "message": "prompt_id must be a valid UUID",
+    "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+    "omit it to let the server generate one",
+    "extra_info": {},
+}
+"""Later versions' answer to a client-chosen ``prompt_id`` that is no canonical UUID."""
+
+
+def is_canonical_uuid(value: Any) -> bool:
+    """Whether ``value`` is a UUID string in canonical lower-case hyphenated form (later
+    versions' ``validate_job_id``)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def member(body: Any, key: str, default: Any) -> Any:
@@ -46,6 +68,8 @@ class Queued:
     extra_data: dict[str, Any]
     outputs: list[str]
     seq: int
+    sensitive: dict[str, Any] = field(default_factory=dict)
+    """The API keys held apart from ``extra_data`` (later versions' 6th element)."""
 
     def __lt__(self, other: Queued) -> bool:
         return (self.number, self.prompt_id, self.seq) < (other.number, other.prompt_id, other.seq)
@@ -106,7 +130,15 @@ class Engine:
             }
             return 400, {"error": no_prompt, "node_errors": {}}
         prompt = body["prompt"]
-        prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
+        profile = self.state.profile
+        if not profile.canonical_prompt_ids:
+            prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
+        elif body.get("prompt_id") is None:
+            prompt_id = str(uuid.uuid4())
+        elif is_canonical_uuid(body["prompt_id"]):
+            prompt_id = body["prompt_id"]
+        else:
+            return 400, {"error": dict(_INVALID_PROMPT_ID), "node_errors": {}}
         partial = member(body, "partial_execution_targets", None)
         valid, error, outputs, node_errors = validate_prompt(
             self.state.registry, self.state.paths, prompt, partial
@@ -118,9 +150,15 @@ class Engine:
             logger.info("fake ComfyUI: invalid prompt: %s", error)
             return 400, {"error": error, "node_errors": node_errors}
         self._seq += 1
-        heapq.heappush(
-            self.queue, Queued(number, prompt_id, prompt, extra_data, outputs, self._seq)
-        )
+        sensitive: dict[str, Any] = {}
+        if profile.queue_hides_api_keys:
+            for key in SENSITIVE_EXTRA_DATA:
+                if key in extra_data:
+                    sensitive[key] = extra_data.pop(key)
+        if profile.create_time:
+            extra_data["create_time"] = int(time.time() * 1000)
+        queued = Queued(number, prompt_id, prompt, extra_data, outputs, self._seq, sensitive)
+        heapq.heappush(self.queue, queued)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._queue_updated()
         self._wake.set()
@@ -159,6 +197,17 @@ class Engine:
             logger.info("fake ComfyUI: prompt %s is not running, no interrupt", prompt_id)
             return
         self.executor.interrupt()
+
+    def cancel(self, prompt_id: Any) -> str:
+        """Cancel one job in any state (later versions' ``/api/jobs`` cancel): interrupt it
+        when running, drop it when pending; ``"running"``, ``"pending"``, ``"terminal"``
+        (finished: nothing done) or ``"unknown"``."""
+        if any(q.prompt_id == prompt_id for q in self.running.values()):
+            self.executor.interrupt()
+            return "running"
+        if self.delete_queued(prompt_id):
+            return "pending"
+        return "terminal" if prompt_id in self.history.entries else "unknown"
 
     def set_flag(self, name: str, value: Any) -> None:
         """``/free`` flags, applied by the worker when the current prompt is done."""

@@ -2,23 +2,34 @@
 (simulated GPU time, progress, preview and text frames) and the ``progress_state``
 messages of the prompt's nodes.
 
-Binary websocket frames are a 4-byte big-endian event type and a payload, as ComfyUI sends
-them: ``PREVIEW_IMAGE`` (4-byte image type, then the PNG), ``TEXT`` (4-byte length of the
-node id, the node id, the text) and ``PREVIEW_IMAGE_WITH_METADATA`` (4-byte length of a JSON
-header, the header, the PNG) for clients that negotiated ``supports_preview_metadata``.
+Binary frames are built in ``_frames``; they go out in the order ComfyUI's progress hook
+sends them (``main.py`` ``hijack_progress``, ``comfy_execution/progress.py``): on every
+progress tick ``progress_state``, then a ``PREVIEW_IMAGE_WITH_METADATA`` frame for a client
+that negotiated ``supports_preview_metadata``, then ``progress``, then a ``PREVIEW_IMAGE``
+frame for any other client. With the ``previews`` knob on (``--preview-method``), the
+samplers' ticks carry a JPEG latent preview (``latent_preview.py``: Latent2RGB gives the
+latent's size, which ``send_image`` scales to fit ``--preview-size``, 512).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from PIL import Image
 
+from ._frames import (
+    BINARY_PREVIEW_IMAGE,
+    BINARY_PREVIEW_WITH_METADATA,
+    BINARY_TEXT,
+    ImageFormat,
+    encode_image,
+    encode_preview,
+    preview_image_payload,
+    preview_with_metadata_payload,
+    text_payload,
+)
 from ._paths import FakePaths, disk_work
 
 if TYPE_CHECKING:
@@ -29,23 +40,28 @@ __all__ = [
     "BINARY_PREVIEW_IMAGE",
     "BINARY_PREVIEW_WITH_METADATA",
     "BINARY_TEXT",
+    "LATENT_PREVIEW_NODES",
     "NodeRun",
     "Progress",
     "encode_preview",
+    "latent_preview",
 ]
 
 T = TypeVar("T")
 
-BINARY_PREVIEW_IMAGE = 1
-BINARY_TEXT = 3
-BINARY_PREVIEW_WITH_METADATA = 4
+LATENT_PREVIEW_NODES = frozenset({"KSampler", "KSamplerAdvanced"})
+"""The node types whose progress carries a latent preview when previews are on."""
+
+MAX_PREVIEW_RESOLUTION = 512
+"""``--preview-size``'s default: previews are shrunk to fit in this square."""
 
 
-def encode_preview(frame: Image.Image) -> bytes:
-    """A PNG of ``frame`` (for binary preview frames)."""
-    buffer = BytesIO()
-    frame.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+def latent_preview(size: tuple[int, int], value: float, total: float) -> Image.Image:
+    """A stand-in for a Latent2RGB preview at step ``value`` of ``total``: a frame of the
+    latent's size whose colour moves from blue noise to the finished image's warmth."""
+    part = 0.0 if total <= 0 else max(0.0, min(1.0, value / total))
+    color = (int(40 + 200 * part), 96, int(220 - 180 * part))
+    return Image.new("RGB", (max(size[0], 1), max(size[1], 1)), color)
 
 
 def _node_ids(node_id: str, prompt_id: str) -> dict[str, Any]:
@@ -78,6 +94,7 @@ class Progress:
                 "max": st["max"],
                 "state": st["state"],
                 **_node_ids(node_id, self.prompt_id),
+                **({"activity": st["activity"]} if "activity" in st else {}),
             }
             for node_id, st in self.nodes.items()
             if st["state"] != "pending"
@@ -93,6 +110,18 @@ class Progress:
         """``node_id`` reports progress."""
         entry = self._entry(node_id)
         entry.update(state="running", value=value, max=total)
+        self._send()
+
+    def set_activity(self, node_id: str, activity: str | None) -> None:
+        """What a running node spends its time on (``"loading"``), or None when it stops
+        (later ComfyUI versions; sends the state only when it changes)."""
+        entry = self._entry(node_id)
+        if entry.get("activity") == activity:
+            return
+        if activity is None:
+            entry.pop("activity", None)
+        else:
+            entry["activity"] = activity
         self._send()
 
     def finish(self, node_id: str) -> None:
@@ -111,6 +140,9 @@ class NodeRun:
     node_id: str
     prompt_id: str
     progress_state: Progress
+    class_type: str = ""
+    preview_size: tuple[int, int] = (64, 64)
+    """The size of a latent preview (the latent's, in latent pixels)."""
 
     @property
     def paths(self) -> FakePaths:
@@ -129,34 +161,40 @@ class NodeRun:
     async def progress(
         self, value: float, total: float, preview: Image.Image | None = None
     ) -> None:
-        """Report progress, with a preview frame before (metadata negotiated) or after."""
+        """Report progress, with a preview frame before (metadata negotiated) or after.
+
+        ``preview`` goes out as a PNG (SaveImageWebsocket); without one, a sampler sends a
+        JPEG latent preview when the ``previews`` knob is on."""
         executor = self.executor
         executor.check_interrupt()
         await executor.state.faults.gate.wait_open()
         value = min(value, total)
+        fmt: ImageFormat = "PNG"
+        max_size: int | None = None
+        if preview is None and self.settings.previews and self.class_type in LATENT_PREVIEW_NODES:
+            preview = latent_preview(self.preview_size, value, total)
+            fmt, max_size = "JPEG", MAX_PREVIEW_RESOLUTION
         self.progress_state.update(self.node_id, value, total)
         sid = executor.client_id
         sink = executor.sink
         flags = sink.supports_preview_metadata(sid)
-        if preview is not None and flags:
-            header = {**_node_ids(self.node_id, self.prompt_id), "image_type": "image/png"}
-            meta = json.dumps(header).encode()
-            payload = struct.pack(">I", len(meta)) + meta + encode_preview(preview)
-            sink.send(BINARY_PREVIEW_WITH_METADATA, payload, sid)
+        image = encode_image(preview, fmt, max_size) if preview is not None else None
+        if image is not None and flags:
+            ids = _node_ids(self.node_id, self.prompt_id)
+            sink.send(
+                BINARY_PREVIEW_WITH_METADATA, preview_with_metadata_payload(ids, fmt, image), sid
+            )
         sink.send(
             "progress",
             {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id},
             sid,
         )
-        if preview is not None and not flags:
-            sink.send(BINARY_PREVIEW_IMAGE, struct.pack(">I", 2) + encode_preview(preview), sid)
+        if image is not None and not flags:
+            sink.send(BINARY_PREVIEW_IMAGE, preview_image_payload(fmt, image), sid)
 
     def send_text(self, text: str) -> None:
         """A binary TEXT frame for this node, to every socket."""
-        node = self.node_id.encode()
-        self.executor.sink.send(
-            BINARY_TEXT, struct.pack(">I", len(node)) + node + text.encode(), None
-        )
+        self.executor.sink.send(BINARY_TEXT, text_payload(self.node_id, text), None)
 
     async def in_thread(self, fn: Callable[[], T]) -> T:
         """Run blocking work in a worker thread."""

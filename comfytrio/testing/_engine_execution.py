@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._engine_context import NodeRun, Progress
+from ._engine_context import LATENT_PREVIEW_NODES, NodeRun, Progress
 from ._engine_graph import ExecutionList, cache_keys, is_link
 from ._faults import exception_type_name
 from ._nodes_base import NodeDef
@@ -284,9 +284,15 @@ class Executor:
         if failure is not None:
             raise failure
         extra = settings.node_seconds.get(node_id, settings.node_seconds.get(node.class_type, 0.0))
-        ctx = NodeRun(self, node_id, run.prompt_id, run.progress)
+        latent = inputs.get("latent_image")
+        size = (int(getattr(latent, "width", 64)), int(getattr(latent, "height", 64)))
+        ctx = NodeRun(self, node_id, run.prompt_id, run.progress, node.class_type, size)
         if extra:
             await ctx.gpu_sleep(extra)
+        if self.state.profile.progress_activity and node.class_type in LATENT_PREVIEW_NODES:
+            # Later servers say when a sampler loads its models; the fake loads at once.
+            run.progress.set_activity(node_id, "loading")
+            run.progress.set_activity(node_id, None)
         return await node.run(ctx, inputs)
 
     def _send_executed(self, node_id: str, ui: dict[str, Any] | None, prompt_id: str) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["MAX_HISTORY", "History"]
+__all__ = ["MAX_HISTORY", "SENSITIVE_EXTRA_DATA", "History"]
 
 MAX_HISTORY = 10000
 """ComfyUI's ``MAXIMUM_HISTORY_SIZE``: the oldest entry goes when a new one comes."""
 
-_SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
+SENSITIVE_EXTRA_DATA = ("auth_token_comfy_org", "api_key_comfy_org")
+"""``execution.SENSITIVE_EXTRA_DATA_KEYS``: the API keys kept out of the history."""
 
 
 class History:
@@ -29,7 +30,7 @@ class History:
         if len(self.entries) > MAX_HISTORY:
             self.entries.pop(next(iter(self.entries)))
         extra_data = queued[3]
-        for key in _SENSITIVE_EXTRA_DATA:
+        for key in SENSITIVE_EXTRA_DATA:
             extra_data.pop(key, None)
         entry: dict[str, Any] = {
             "prompt": queued,

@@ -1,7 +1,7 @@
 """What the engine of every generation works with besides its own queue: the state a fake
 server keeps across crashes and restarts (``ServerState``: node types, folders, the knobs in
-``Settings``, faults, the ``Tally`` a test inspects) and the ``MessageSink`` its websocket
-messages go to."""
+``Settings``, faults, the ``Tally`` a test inspects, the ComfyUI version it speaks as) and
+the ``MessageSink`` its websocket messages go to."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._faults import Faults
 from ._paths import FakePaths
+from ._profiles import ComfyProfile
 
 if TYPE_CHECKING:
     from ._nodes import NodeRegistry
@@ -37,6 +38,8 @@ class Settings:
     seconds_per_step: float = 0.0
     node_seconds: dict[str, float] = field(default_factory=dict)
     disable_metadata: bool = False
+    previews: bool = False
+    """Latent previews from the samplers (``--preview-method``): a JPEG frame per step."""
 
 
 @dataclass
@@ -57,3 +60,4 @@ class ServerState(Protocol):
     settings: Settings
     faults: Faults
     tally: Tally
+    profile: ComfyProfile

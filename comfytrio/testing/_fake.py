@@ -20,6 +20,7 @@ from ._fake_hostile import HostileControls
 from ._fake_serving import DEFAULT_IDLE_TIMEOUT
 from ._nodes_custom import NodeDeclaration, declared_node
 from ._paths import MODEL_FOLDERS, FakePaths
+from ._profiles import DEFAULT_COMFYUI_VERSION, profile_for
 from ._server_system import SystemInfo
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "FakeComfyUI", "run_fake", "serve_fake_comfyui"]
@@ -28,7 +29,8 @@ __all__ = ["DEFAULT_IDLE_TIMEOUT", "FakeComfyUI", "run_fake", "serve_fake_comfyu
 class FakeComfyUI(FaultControls, HostileControls):
     """A running fake ComfyUI server, as ``serve_fake_comfyui`` reports it.
 
-    It answers like ComfyUI 0.3.64 on ``url`` and writes files under ``root`` (laid out like
+    It answers like ComfyUI 0.3.64 (or the ``comfyui_version`` it was started with) on
+    ``url`` and writes files under ``root`` (laid out like
     a ComfyUI base directory: ``input_dir``, ``output_dir``, ``temp_dir``, ``models_dir``
     with one folder per model type). The methods switch faults on at any time and let a
     test look inside.
@@ -49,6 +51,21 @@ class FakeComfyUI(FaultControls, HostileControls):
         """Change the simulated time per sampler step and latent (KSampler progress)."""
         self.settings.seconds_per_step = float(seconds)
 
+    @property
+    def previews(self) -> bool:
+        """Whether the samplers send latent previews (a JPEG binary frame per step, as a
+        real ComfyUI started with ``--preview-method`` does); settable at any time."""
+        return self.settings.previews
+
+    @previews.setter
+    def previews(self, on: bool) -> None:
+        self.settings.previews = bool(on)
+
+    @property
+    def comfyui_version(self) -> str:
+        """The ComfyUI version it speaks as (``serve_fake_comfyui(comfyui_version=...)``)."""
+        return self.profile.version
+
     def set_node_seconds(self, node: str, seconds: float) -> None:
         """Make every run of ``node`` (an id or a class_type) take ``seconds`` more."""
         self.settings.node_seconds[node] = float(seconds)
@@ -64,8 +81,8 @@ class FakeComfyUI(FaultControls, HostileControls):
         on the first input of the same type; ``run(inputs)`` (sync or async) may return the
         outputs instead (a tuple, or ``{"result": (...), "ui": {...}}``). ``seconds`` is
         simulated time per run. ``info`` gives a whole ``object_info`` entry instead.
-        Declaring ``"SaveImageWebsocket"`` with no inputs adds ComfyUI's bundled
-        websocket-image node.
+        ComfyUI's bundled ``SaveImageWebsocket`` is there from the start, as in a stock
+        install; declaring it with no inputs puts that one back.
         """
         self.registry.add(declared_node(class_type, declaration))
 
@@ -158,9 +175,11 @@ async def serve_fake_comfyui(
     cpu: bool = True,
     disable_metadata: bool = False,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    previews: bool = False,
+    comfyui_version: str = DEFAULT_COMFYUI_VERSION,
     task_status: trio.TaskStatus[FakeComfyUI] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve a fake ComfyUI 0.3.64 until cancelled; ``nursery.start`` returns its handle.
+    """Serve a fake ComfyUI until cancelled; ``nursery.start`` returns its handle.
 
     ``root`` is laid out like a ComfyUI base directory (``input/``, ``output/``, ``temp/``,
     ``models/<folder>/`` are created; ``temp/`` is emptied, as ComfyUI does at start).
@@ -171,6 +190,10 @@ async def serve_fake_comfyui(
     returned. ``cpu=False`` reports a fake CUDA device naming ``CUDA_VISIBLE_DEVICES``.
     ``idle_timeout`` is how many seconds an idle keep-alive connection is kept before the
     server closes it (75, as ComfyUI's aiohttp does; ``handle.idle_timeout``).
+    ``previews=True`` makes the samplers send latent previews (``handle.previews``).
+    ``comfyui_version`` is the version it speaks as: ``"0.3.64"`` (the recorded one, the
+    default) or ``"0.38.1"`` (adds the ``/api/jobs`` routes and later shapes; see
+    ``COMFYUI_VERSIONS``); another value is a ``ValueError``.
 
     Example::
 
@@ -179,6 +202,7 @@ async def serve_fake_comfyui(
             ...  # talk to fake.url
             nursery.cancel_scope.cancel()
     """
+    profile = profile_for(comfyui_version)
     argv = ["main.py", "--listen", host, "--port", str(port)]
     if cpu:
         argv.insert(1, "--cpu")
@@ -186,10 +210,16 @@ async def serve_fake_comfyui(
         FakePaths.under(Path(root)),
         host=host,
         port=port,
-        settings=Settings(seconds_per_image, seconds_per_step, disable_metadata=disable_metadata),
+        settings=Settings(
+            seconds_per_image,
+            seconds_per_step,
+            disable_metadata=disable_metadata,
+            previews=previews,
+        ),
         system=SystemInfo(argv, cpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
         startup_delay=startup_delay,
         idle_timeout=idle_timeout,
+        profile=profile,
     )
     await run_fake(fake, task_status=task_status)
 

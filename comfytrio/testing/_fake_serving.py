@@ -3,7 +3,8 @@ server on it (Hypercorn's trio worker serving the app of ``_server``).
 
 A generation lives from a start to a crash: its engine (queue, cache, history), websocket
 hub and TCP connections die with it; ``restart`` starts the next one on the same port. What
-outlives a crash (folders, node types, knobs, faults, tally) is held by the handle itself.
+outlives a crash (folders, node types, knobs, faults, tally, the ComfyUI version it speaks
+as) is held by the handle itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ._engine_state import Settings, Tally
 from ._faults import Faults
 from ._nodes import NodeRegistry
 from ._paths import FakePaths
+from ._profiles import DEFAULT_COMFYUI_VERSION, ComfyProfile, profile_for
 from ._server import build_app
 from ._server_system import SystemInfo
 from ._server_ws import CURRENT_CONNECTION, Connection, SocketHub
@@ -78,6 +80,7 @@ class ServedFake:
         startup_delay: float = 0.0,
         exit_on_crash: bool = False,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        profile: ComfyProfile | None = None,
     ) -> None:
         if not idle_timeout > 0:
             raise ValueError(
@@ -88,6 +91,9 @@ class ServedFake:
         self.port = port
         self.settings = settings
         self.system = system
+        self.profile = profile or profile_for(DEFAULT_COMFYUI_VERSION)
+        """The ComfyUI version it speaks as."""
+        system.version = self.profile.version
         self.registry = NodeRegistry()
         self.faults = Faults()
         self.tally = Tally()

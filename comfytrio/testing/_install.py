@@ -46,7 +46,8 @@ def lay_out_fake_comfyui_install(
     (seconds before it listens), ``COMFYTRIO_FAKE_EXIT_AT_START=<code>`` (print to stderr and
     exit while starting), ``COMFYTRIO_FAKE_CRASH_ON_NODE=<id or class_type>`` (SIGKILL
     itself when that node starts), ``COMFYTRIO_FAKE_FAIL_NODE=<id or class_type>`` (that node
-    raises).
+    raises), ``COMFYTRIO_FAKE_COMFYUI_VERSION`` (the ComfyUI version it speaks as, 0.3.64 by
+    default). ``--preview-method`` (other than ``none``) turns latent previews on.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)

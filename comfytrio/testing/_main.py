@@ -25,6 +25,7 @@ from ._engine import Settings
 from ._fake import DEFAULT_IDLE_TIMEOUT, FakeComfyUI, run_fake
 from ._install import FAKE_NODES_FILE
 from ._paths import FakePaths, parse_extra_model_paths
+from ._profiles import DEFAULT_COMFYUI_VERSION, profile_for
 from ._server import SystemInfo
 
 __all__ = ["main", "serve_until_signal", "start_until_signal"]
@@ -39,6 +40,8 @@ ENV_CRASH_ON_NODE = "COMFYTRIO_FAKE_CRASH_ON_NODE"
 ENV_FAIL_NODE = "COMFYTRIO_FAKE_FAIL_NODE"
 ENV_IDLE_TIMEOUT = "COMFYTRIO_FAKE_IDLE_TIMEOUT"
 """Seconds an idle keep-alive connection is kept before the fake closes it (default 75)."""
+ENV_COMFYUI_VERSION = "COMFYTRIO_FAKE_COMFYUI_VERSION"
+"""The ComfyUI version the fake speaks as (``COMFYUI_VERSIONS``; default 0.3.64)."""
 
 
 def _existing_dir(path: str) -> str:
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-device", type=int, default=None)
     parser.add_argument(
         "--extra-model-paths-config", type=str, nargs="+", action="append", default=None
+    )
+    parser.add_argument(
+        "--preview-method", choices=["none", "auto", "latent2rgb", "taesd"], default="none"
     )
     parser.add_argument("--verbose", nargs="?", const="DEBUG", default="INFO")
     return parser
@@ -164,7 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds_per_image=_env_float(ENV_SECONDS_PER_IMAGE),
         seconds_per_step=_env_float(ENV_SECONDS_PER_STEP),
         disable_metadata=bool(args.disable_metadata),
+        previews=args.preview_method != "none",
     )
+    try:
+        profile = profile_for(os.environ.get(ENV_COMFYUI_VERSION) or DEFAULT_COMFYUI_VERSION)
+    except ValueError as exc:
+        logger.error("comfytrio fake ComfyUI: %s: %s", ENV_COMFYUI_VERSION, exc)
+        return 1
     fake = FakeComfyUI(
         paths,
         host=host,
@@ -174,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_delay=_env_float(ENV_STARTUP_DELAY),
         exit_on_crash=True,
         idle_timeout=_idle_timeout(),
+        profile=profile,
     )
     _load_nodes(fake, install)
     if os.environ.get(ENV_CRASH_ON_NODE):

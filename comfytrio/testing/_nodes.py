@@ -6,7 +6,9 @@ Every built-in node type has its ``object_info`` entry recorded from a real Comf
 - ``_nodes_primitives``: primitives and strings;
 - ``_nodes_images``: images and masks, really computed with Pillow;
 - ``_nodes_models``: loaders, conditioning, samplers, latents, VAE (simulated);
-- ``_nodes_outputs``: SaveImage, PreviewImage, SaveImageWebsocket.
+- ``_nodes_outputs``: SaveImage, PreviewImage, PreviewAny, and SaveImageWebsocket (the
+  custom node every stock install ships, so not in ``object_info.json``: it is added after
+  the built-ins, as ComfyUI loads ``custom_nodes/`` last).
 
 ``_nodes_base`` has what simulations are written against, ``_nodes_values`` the values
 that flow between nodes, ``_nodes_custom`` the custom nodes a test declares. A new
@@ -62,6 +64,8 @@ class NodeRegistry:
         for class_type, info in _builtin_info().items():
             entry = json.loads(json.dumps(info))
             self._nodes[class_type] = _family_of(class_type).build(class_type, entry)
+        for build in _nodes_outputs.STOCK_CUSTOM_NODES:
+            self.add(build())
 
     def get(self, class_type: Any) -> NodeDef | None:
         """The node type, or None when this server does not have it."""

@@ -4,6 +4,9 @@ Loaders check that their file is listed and hand on a labelled ``SimObject``; te
 encoders and LoRAs add to the label; samplers spend ``seconds_per_step`` per step and latent
 and report progress; VAE decoders spend ``seconds_per_image`` per image and paint frames of
 the latent's size in colours derived from what made the latent (model, prompt, seed...).
+Samplers draw their simulated noise by ComfyUI's rule (``_noise_keys``): each item's from
+the seed and its index in the batch (``batch_index``, as ``LatentFromBatch`` sets it), so a
+split batch repeats images exactly where a real one would.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ._nodes_images import target_size
 from ._nodes_values import Images, Latent, SimObject
 from ._paths import FakePaths
 
-__all__ = ["NODES"]
+__all__ = ["NODES", "draws_noise_while_sampling"]
 
 NODES = Family()
 """The loader, conditioning, sampler, latent and VAE nodes."""
@@ -148,19 +151,64 @@ async def _empty_latent(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     return (Latent(["empty"] * count, int(inputs["width"]) // 8, int(inputs["height"]) // 8),), None
 
 
-async def _sample(ctx: NodeContext, inputs: dict[str, Any], seed: int, total: int) -> NodeResult:
-    """``total`` steps of simulated sampling; each latent item remembers what made it."""
+_NOISY_WORDS = frozenset({"ancestral", "sde", "ddpm", "lcm", "seeds", "sa"})
+"""The words of a sampler's name that say it draws noise while it samples, as ComfyUI's
+k-diffusion samplers are named for their method: ``*_ancestral`` (Euler, DPM-2, DPM++ 2S,
+RES multistep), ``*_sde`` (DPM++ SDE, 2M/3M SDE, ER-SDE), ``ddpm``, ``lcm``, ``seeds_*``
+(SEEDS) and ``sa_solver*`` (stochastic Adams)."""
+
+
+def draws_noise_while_sampling(sampler: str) -> bool:
+    """Whether ComfyUI's sampler ``sampler`` draws fresh noise for the whole batch at each
+    step (as ``KSampler`` sets it), so that what it makes depends on the batch: a word of its
+    name, between underscores, is one of ``_NOISY_WORDS``."""
+    return not _NOISY_WORDS.isdisjoint(sampler.split("_"))
+
+
+def _noise_keys(latent: Latent, seed: int, sampler: str, add_noise: bool) -> list[str]:
+    """What each item's noise is a function of, as ``comfy.sample.prepare_noise`` draws it.
+
+    With ``batch_index`` (``LatentFromBatch``), one ``torch.randn`` per sample for i = 0 ..
+    max(index): item ``j`` gets the noise of sample ``batch_index[j]`` of the seed. Without,
+    one ``torch.randn`` for the whole batch: item ``i`` gets sample ``i``'s noise, the same
+    as with ``batch_index`` only when a sample holds a multiple of 16 values (torch draws
+    normals 16 at a time; 4 channels here) or the batch holds one item. A stochastic
+    sampler also draws noise for the whole batch at every step: its items depend on which
+    indices are in the batch too."""
+    count = len(latent.items)
+    indices = latent.batch_index if latent.batch_index is not None else list(range(count))
+    aligned = (
+        latent.batch_index is not None or count == 1 or (4 * latent.width * latent.height) % 16 == 0
+    )
+    keys = []
+    for index in indices:
+        key = f"seed {seed} sample {index}" if add_noise else "no noise"
+        if add_noise and not aligned:
+            key += f" of a batch of {count}"
+        if draws_noise_while_sampling(sampler):
+            key += f", stepped with seed {seed} over samples {indices}"
+        keys.append(key)
+    return keys
+
+
+async def _sample(
+    ctx: NodeContext, inputs: dict[str, Any], seed: int, total: int, *, add_noise: bool = True
+) -> NodeResult:
+    """``total`` steps of simulated sampling; each latent item remembers what made it: the
+    model, the prompt, its noise (``_noise_keys``), what it was, the sampler and the cfg."""
     latent: Latent = inputs["latent_image"]
     positive = getattr(inputs["positive"], "label", str(inputs["positive"]))
     model = str(inputs["model"])
+    sampler = str(inputs["sampler_name"])
     for step in range(total):
         await ctx.gpu_sleep(ctx.settings.seconds_per_step * len(latent.items))
         await ctx.progress(step + 1, total)
+    noises = _noise_keys(latent, seed, sampler, add_noise)
     items = [
-        f"{model}|{positive}|{seed}|{i}|{item}|{inputs['sampler_name']}|{inputs['cfg']}"
-        for i, item in enumerate(latent.items)
+        f"{model}|{positive}|{noise}|{item}|{sampler}|{inputs['cfg']}"
+        for noise, item in zip(noises, latent.items, strict=True)
     ]
-    return (Latent(items, latent.width, latent.height),), None
+    return (Latent(items, latent.width, latent.height, latent.batch_index),), None
 
 
 @NODES.node("KSampler")
@@ -172,13 +220,33 @@ async def _ksampler(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
 async def _ksampler_advanced(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     start = int(inputs["start_at_step"])
     end = min(int(inputs["end_at_step"]), int(inputs["steps"]))
-    return await _sample(ctx, inputs, int(inputs["noise_seed"]), max(end - start, 0))
+    add_noise = inputs["add_noise"] != "disable"
+    total = max(end - start, 0)
+    return await _sample(ctx, inputs, int(inputs["noise_seed"]), total, add_noise=add_noise)
 
 
 @NODES.node("RepeatLatentBatch")
 async def _repeat_latent(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     latent: Latent = inputs["samples"]
-    return (Latent(latent.items * int(inputs["amount"]), latent.width, latent.height),), None
+    amount = int(inputs["amount"])
+    index = latent.batch_index
+    if index is not None:  # as ComfyUI: each copy's indices follow the last one's
+        offset = max(index) - min(index) + 1
+        index = index + [i + n * offset for n in range(1, amount) for i in index]
+    return (Latent(latent.items * amount, latent.width, latent.height, index),), None
+
+
+@NODES.node("LatentFromBatch")
+async def _latent_from_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """Samples ``batch_index`` .. ``batch_index + length - 1`` (clamped to the batch, as
+    ComfyUI does), with the indices they had: the ones given, or their positions."""
+    latent: Latent = inputs["samples"]
+    count = len(latent.items)
+    start = min(count - 1, int(inputs["batch_index"]))
+    length = min(count - start, int(inputs["length"]))
+    cut = slice(start, start + length)
+    index = latent.batch_index[cut] if latent.batch_index is not None else list(range(count))[cut]
+    return (Latent(latent.items[cut], latent.width, latent.height, index),), None
 
 
 @NODES.node("LatentUpscale")
@@ -188,16 +256,16 @@ async def _latent_upscale(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResul
     if width == 0 and height == 0:
         return (latent,), None
     w, h = target_size(latent.width * 8, latent.height * 8, width, height)
-    return (Latent(list(latent.items), max(w // 8, 1), max(h // 8, 1)),), None
+    size = (max(w // 8, 1), max(h // 8, 1))
+    return (Latent(list(latent.items), *size, latent.batch_index),), None
 
 
 @NODES.node("LatentUpscaleBy")
 async def _latent_upscale_by(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     latent: Latent = inputs["samples"]
     factor = float(inputs["scale_by"])
-    return (
-        Latent(list(latent.items), round(latent.width * factor), round(latent.height * factor)),
-    ), None
+    size = (round(latent.width * factor), round(latent.height * factor))
+    return (Latent(list(latent.items), *size, latent.batch_index),), None
 
 
 # --- VAE ----------------------------------------------------------------------------------------

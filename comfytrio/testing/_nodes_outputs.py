@@ -2,8 +2,10 @@
 
 SaveImage writes PNGs into ``output/`` (``prefix_00001_.png`` counters, prompt and
 workflow in the PNG metadata), PreviewImage into ``temp/``; both report them in their UI
-output. SaveImageWebsocket (ComfyUI's bundled example custom node) sends each image as a
-binary preview frame instead; it exists once a test declares it (``save_image_websocket``).
+output. PreviewAny reports its input as text (``{"text": [value]}``), no file.
+SaveImageWebsocket (``custom_nodes/websocket_image_save.py``, which every stock install
+loads, so every fake has it: ``STOCK_CUSTOM_NODES``) sends each image as a binary preview
+frame (a PNG) with a progress tick instead, writes nothing and reports no UI output.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from ._nodes_base import Family, NodeContext, NodeDef, NodeResult
 from ._nodes_values import Images
 from ._paths import FakePaths
 
-__all__ = ["NODES", "save_image_websocket"]
+__all__ = ["NODES", "STOCK_CUSTOM_NODES", "save_image_websocket"]
 
 NODES = Family()
 """The built-in output nodes."""
@@ -117,6 +119,25 @@ async def _preview_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult
     return await _save(ctx, inputs, "temp")
 
 
+@NODES.node("PreviewAny")
+async def _preview_any(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """``comfy_extras/nodes_preview_any.py``: the input as text, in the UI output only."""
+    source = inputs.get("source")
+    if isinstance(source, str):
+        value = source
+    elif isinstance(source, (int, float, bool)):
+        value = str(source)
+    elif source is None:
+        value = "None"
+    else:
+        try:
+            value = json.dumps(source)
+        except (TypeError, ValueError):
+            value = str(source)
+    # A tuple, as ComfyUI keeps it (JSON makes it a list; /api/jobs skips it: no list).
+    return (), {"text": (value,)}
+
+
 # --- SaveImageWebsocket (custom_nodes/websocket_image_save.py) ----------------------------------
 
 _SAVE_IMAGE_WEBSOCKET_INFO: dict[str, Any] = {
@@ -150,3 +171,8 @@ def save_image_websocket() -> NodeDef:
         _send_images,
         is_changed=lambda _p, _i: time.time(),
     )
+
+
+STOCK_CUSTOM_NODES: tuple[Callable[[], NodeDef], ...] = (save_image_websocket,)
+"""The custom nodes a stock ComfyUI install ships in ``custom_nodes/`` (loaded after the
+built-in ones, so listed last in ``object_info``)."""

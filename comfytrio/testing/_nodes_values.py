@@ -63,11 +63,16 @@ class Masks:
 
 @dataclass
 class Latent:
-    """A LATENT batch: one content key per item and the size in latent pixels (1/8)."""
+    """A LATENT batch: one content key per item and the size in latent pixels (1/8).
+
+    ``batch_index`` is ComfyUI's ``batch_index`` key: set by ``LatentFromBatch`` (the
+    indices its items had in the batch it was cut from), it makes a sampler draw each item's
+    noise as that item of the whole batch (``comfy.sample.prepare_noise``)."""
 
     items: list[str]
     width: int
     height: int
+    batch_index: list[int] | None = None
 
     def __str__(self) -> str:
         size = f"({len(self.items)}, 4, {self.height}, {self.width})"

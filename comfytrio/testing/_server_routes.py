@@ -2,7 +2,8 @@
 
 Each route is one method of ``HttpRoutes``, marked with the method and path it answers
 (``@_route("POST", "/queue")``), or, for a GET that answers a value as JSON, one line of
-``HttpRoutes._snapshots``; ``build_app`` mounts them at the root and under ``/api``.
+``HttpRoutes._snapshots``; ``build_app`` mounts them at the root and under ``/api``. A
+server whose profile has the jobs API gets ``_server_jobs``' routes too.
 Status codes, content types and bodies follow the recordings; errors a real server turns
 into aiohttp's bare 500 (a body that is not JSON, ``"prompt"`` being a list) get the same
 ``500 Internal Server Error`` text here.
@@ -25,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from ._engine import Engine, member
 from ._paths import disk_work
 from ._server_files import store_upload, view_file
+from ._server_jobs import JobRoutes
 from ._server_system import SERVER_FEATURES, SystemInfo
 
 __all__ = ["HttpRoutes"]
@@ -106,6 +108,8 @@ class HttpRoutes:
     def routes(self) -> list[BaseRoute]:
         """Every route, each answering exceptions with aiohttp's 500."""
         endpoints = [(method, path, getattr(self, name)) for method, path, name in _ROUTES]
+        if self.engine.state.profile.jobs_api:
+            endpoints += JobRoutes(self.engine).endpoints()
         endpoints += [("GET", path, _snapshot(get)) for path, get in self._snapshots().items()]
         return [
             Route(path, _aiohttp_errors(endpoint), methods=[method])

@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["COMFYUI_VERSION", "MAX_UPLOAD_SIZE", "SERVER_FEATURES", "SystemInfo"]
 
 COMFYUI_VERSION = "0.3.64"
-"""The ComfyUI version the fake imitates (the one recorded)."""
+"""The ComfyUI version the fake imitates by default (the one recorded)."""
 
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 """``--max-upload-size`` (100 MB), in bytes."""
@@ -35,6 +35,8 @@ class SystemInfo:
     argv: list[str] = field(default_factory=lambda: ["main.py"])
     cpu: bool = True
     cuda_visible_devices: str | None = None
+    version: str = COMFYUI_VERSION
+    """The ``comfyui_version`` it reports (the server's profile sets it)."""
 
     def stats(self) -> dict[str, Any]:
         """The ``GET /system_stats`` body."""
@@ -71,7 +73,7 @@ class SystemInfo:
                 "os": os.name,
                 "ram_total": ram_total,
                 "ram_free": ram_free,
-                "comfyui_version": COMFYUI_VERSION,
+                "comfyui_version": self.version,
                 "required_frontend_version": "1.27.10",
                 "installed_templates_version": "0.1.95",
                 "required_templates_version": "0.1.95",

@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from ._engine import Engine
 from ._faults import Gate, Hostility, RawBytes, WsMessage, encode_ws_message
+from ._frames import frame as binary_frame
 from ._server_system import SERVER_FEATURES
 
 __all__ = ["CURRENT_CONNECTION", "Connection", "SocketEndpoint", "SocketHub"]
@@ -113,7 +114,7 @@ class SocketHub:
         if not targets:
             return
         if isinstance(event, int):
-            frame: str | bytes = struct.pack(">I", event) + bytes(data)
+            frame: str | bytes = binary_frame(event, bytes(data))
         else:
             frame = json.dumps({"type": event, "data": data})
         frames: list[str | bytes | RawBytes] = [frame]

@@ -30,12 +30,13 @@ ValidationResult = tuple[bool, dict[str, Any] | None, list[str], dict[str, Any]]
 _Verdict = tuple[bool, list[dict[str, Any]], Any]
 
 
-def _types_match(received: Any, expected: Any, wildcard: bool) -> bool:
+def _types_match(received: Any, expected: Any) -> bool:
     if received == expected:
         return True
     if not isinstance(received, str) or not isinstance(expected, str):
         return False
-    if wildcard and ("*" in (received, expected)):
+    if "*" in (received, expected):
+        # ComfyUI's IO.ANY (PreviewAny's input) matches anything; so does a declared node's.
         return True
     got = {t.strip() for t in received.split(",")}
     want = {t.strip() for t in expected.split(",")}
@@ -188,7 +189,7 @@ class _Validator:
         if source is None:
             raise KeyError(source_class)
         received = source.return_types[value[1]]
-        if not _types_match(received, input_type, node.wildcard or source.wildcard):
+        if not _types_match(received, input_type):
             mismatch = f"received_type({received}) mismatch input_type({input_type})"
             errors.append(
                 {

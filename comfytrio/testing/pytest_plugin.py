@@ -10,7 +10,8 @@ installed; the fixtures need the ``testing`` extra and pytest-trio, and work in 
 - ``fake_comfyui_install``: a fake ComfyUI install directory (``main.py`` taking ComfyUI's
   flags) for code that starts ComfyUI as a child process;
 - ``comfy_fakes``: N fake servers (2 unless ``@pytest.mark.comfy_api(fakes=N)`` or an
-  indirect parametrization says otherwise);
+  indirect parametrization says otherwise; ``comfyui_version=``/``previews=`` in the marker
+  go to each);
 - ``comfy_api``: a ready ``ComfyAPI`` wired to the ``comfy_fakes``, with short timeouts
   (``fast_fault_policy()``); the marker's other keywords go to ``ComfyAPI``.
 
@@ -50,18 +51,23 @@ DEFAULT_FAKES = 2
 
 _MARKER = "comfy_api"
 
+_FAKE_OPTIONS = ("comfyui_version", "previews")
+"""Keywords of the ``comfy_api`` marker that go to the fakes, not to ``ComfyAPI``."""
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{_MARKER}(fakes={DEFAULT_FAKES}, **kwargs): how many fake servers the comfy_fakes "
-        "and comfy_api fixtures start, and keyword arguments for the ComfyAPI of comfy_api",
+        "and comfy_api fixtures start (comfyui_version=, previews= for each), and keyword "
+        "arguments for the ComfyAPI of comfy_api",
     )
 
 
 @pytest.fixture
 async def fake_comfyui(nursery: trio.Nursery, tmp_path: Path) -> FakeComfyUI:
-    """A fake ComfyUI 0.3.64 on 127.0.0.1 (a free port), root ``tmp_path / "comfyui"``."""
+    """A fake ComfyUI 0.3.64 on 127.0.0.1 (a free port), root ``tmp_path / "comfyui"``
+    (``fake_comfyui_factory(comfyui_version=...)`` for another version)."""
     from comfytrio.testing import serve_fake_comfyui
 
     fake: FakeComfyUI = await nursery.start(serve_fake_comfyui, tmp_path / "comfyui")
@@ -71,7 +77,8 @@ async def fake_comfyui(nursery: trio.Nursery, tmp_path: Path) -> FakeComfyUI:
 @pytest.fixture
 async def fake_comfyui_factory(nursery: trio.Nursery, tmp_path: Path) -> FakeFactory:
     """``await factory(**kwargs)`` starts one more fake server (``serve_fake_comfyui``
-    keywords, plus ``root``; by default ``tmp_path / "comfyui-N"``)."""
+    keywords, plus ``root``; by default ``tmp_path / "comfyui-N"``), e.g.
+    ``await fake_comfyui_factory(comfyui_version="0.38.1", previews=True)``."""
     from comfytrio.testing import serve_fake_comfyui
 
     counter = itertools.count(1)
@@ -112,14 +119,18 @@ async def comfy_fakes(
 
     N is the fixture's indirect parameter
     (``@pytest.mark.parametrize("comfy_fakes", [1, 3], indirect=True)``), else the
-    ``fakes`` keyword of ``@pytest.mark.comfy_api(fakes=N)``, else 2.
+    ``fakes`` keyword of ``@pytest.mark.comfy_api(fakes=N)``, else 2. The marker's
+    ``comfyui_version`` and ``previews`` keywords go to every fake
+    (``@pytest.mark.comfy_api(comfyui_version="0.38.1")``).
     """
+    marker = _marker_kwargs(request)
     count = getattr(request, "param", None)
     if count is None:
-        count = _marker_kwargs(request).get("fakes", DEFAULT_FAKES)
+        count = marker.get("fakes", DEFAULT_FAKES)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"comfy_fakes needs a number of servers of at least 1, got {count!r}")
-    return [await fake_comfyui_factory() for _ in range(count)]
+    options = {key: marker[key] for key in _FAKE_OPTIONS if key in marker}
+    return [await fake_comfyui_factory(**options) for _ in range(count)]
 
 
 @pytest.fixture
@@ -148,6 +159,7 @@ async def comfy_api(
         "min_instances": len(comfy_fakes),
     }
     options.update(_marker_kwargs(request))
-    options.pop("fakes", None)
+    for key in ("fakes", *_FAKE_OPTIONS):
+        options.pop(key, None)
     async with ComfyAPI([fake.url for fake in comfy_fakes], **options) as api:
         yield api
