@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import secrets
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -18,6 +17,7 @@ from typing import Any, TypedDict, Unpack
 import attrs
 import httpx
 
+from ._batch import BatchEdits, SplitKind, plan_split
 from ._errors import (
     ComfyAPIError,
     NodeInputNotFoundError,
@@ -29,7 +29,14 @@ from ._errors import (
 )
 from ._plugins import Plugins
 from ._types import LoRARef, ModelRef
-from ._workflow import input_names, node_ids_by_title, split_mapping, title_of, titles
+from ._workflow import (
+    check_workflow,
+    input_names,
+    node_ids_by_title,
+    split_mapping,
+    titles,
+    workflow_snapshot,
+)
 from .hookspecs import (
     AssetResolver,
     InstanceTarget,
@@ -92,10 +99,15 @@ class ShardPlan:
     scaled: dict[str, int]
     """Its share of every ``gpu_scale`` param, by param name."""
     seeds: dict[str, int]
-    """The seed given to each seed node, by node title."""
+    """The seed given to each seed node, by node title (and each sampler's seed where the
+    job does not set it: see ``ShardReport.seeds``)."""
     _values: tuple[Any, ...] = attrs.field(repr=False)
     """The value of each of the template's params for this shard, in order."""
     _template: _Template = attrs.field(repr=False, eq=False)
+    batch_offset: int | None = None
+    """Its first index in the job's whole batch (None without one ``gpu_scale`` param)."""
+    _edits: BatchEdits = attrs.field(factory=BatchEdits, repr=False)
+    """Its ``LatentFromBatch`` nodes and sampler seeds (``plan_split``)."""
     _built: dict[str, Any] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def build(self) -> dict[str, Any]:
@@ -116,6 +128,7 @@ class ShardPlan:
         for resolver in template.resolvers:
             with _plugin_contract(f"asset resolver {resolver.name!r}", "inject"):
                 resolver.inject(workflow, template.job)
+        self._edits.apply(workflow)
         return workflow
 
     @property
@@ -136,6 +149,8 @@ class JobPlan:
     """The shards to run (only those with a non-zero share of every ``gpu_scale`` param)."""
     seed: int
     """The job seed used: pass it again (with the same shard count) to get the same seeds."""
+    split: SplitKind = "single"
+    """How the shards relate to one GPU's run (``JobResult.split``)."""
 
 
 def validate_params(
@@ -177,34 +192,6 @@ def validate_params(
                 raise ParamError(name, f"{where} {title!r} already gets param {owner!r}")
         checked.append(param)
     return checked
-
-
-def check_workflow(workflow: object) -> None:
-    """Refuse, with a ``ParamError`` for param ``"workflow"``, what is no API-format
-    workflow: not a dict, a node id that is neither a string nor an int (or two that JSON
-    would merge, ``1`` and ``"1"``), a node that is not a dict. Pure; the JSON check of the
-    values is ``workflow_snapshot``'s."""
-    if not isinstance(workflow, Mapping):
-        raise ParamError(
-            "workflow",
-            f"must be a dict of nodes (ComfyUI's API format), got {type(workflow).__name__}",
-        )
-    seen: dict[str, object] = {}
-    for node_id, node in workflow.items():
-        if isinstance(node_id, bool) or not isinstance(node_id, str | int):
-            raise ParamError("workflow", f"node id {shown(node_id)} must be a string")
-        named = str(node_id)
-        if named in seen:
-            raise ParamError(
-                "workflow", f"node ids {shown(seen[named])} and {shown(node_id)} are one in JSON"
-            )
-        seen[named] = node_id
-        if not isinstance(node, Mapping):
-            raise ParamError(
-                "workflow",
-                f"node {named!r} must be a dict with 'class_type' and 'inputs', "
-                f"got {type(node).__name__}",
-            )
 
 
 # node id (as JSON names it) -> its title, the input a mapping names (None: a plain title), node
@@ -327,6 +314,7 @@ async def plan_job(
     *,
     params: Mapping[str, Mapping[str, Any]],
     seed: int | None = None,
+    same_images: bool = False,
     **args: Unpack[PlanArgs],
 ) -> JobPlan:
     """Validate, prepare and split one job into the workflows of its shards.
@@ -337,6 +325,10 @@ async def plan_job(
     checked, LoRAs downloaded); then each shard gets its values. A shard is kept only when
     its share of every ``gpu_scale`` param is above zero; without such a param there are
     ``shard_count`` shards. ``seed`` None draws a job seed (reported in ``JobPlan.seed``).
+    A split batch never repeats an image (``plan_split``): an ``EmptyLatentImage`` batch
+    is cut per shard with ``LatentFromBatch`` (the one-GPU images, where the samplers allow),
+    else each shard's samplers get seeds of their own; ``same_images`` refuses, with a
+    ``NotReproducibleError``, a split that would not make the one-GPU images.
     ``workflow`` is read here and never changed: each ``ShardPlan.build()`` makes a new
     copy from a snapshot taken here.
 
@@ -353,8 +345,9 @@ async def plan_job(
         raise ValueError(f"shard_count must be a positive integer, got {count!r}")
     job_seed = job_seed_for(seed)
     checked = validate_params(plugins, workflow, params)
+    snapshot = workflow_snapshot(workflow)
     return await plan_validated(
-        plugins, workflow_snapshot(workflow), checked, job_seed=job_seed, **args
+        plugins, snapshot, checked, job_seed=job_seed, same_images=same_images, **args
     )
 
 
@@ -364,6 +357,7 @@ async def plan_validated(
     checked: Sequence[Param],
     *,
     job_seed: int,
+    same_images: bool = False,
     **args: Unpack[PlanArgs],
 ) -> JobPlan:
     """``plan_job`` after its checks, from what they returned: the workflow's JSON text
@@ -414,9 +408,21 @@ async def plan_validated(
             )
 
     template = _Template(workflow_json, tuple(checked), types, tuple(resolvers), job)
+    seed_params = frozenset(p.name for p in checked if types[p.type].reports_seed)
+    split = plan_split(
+        json.loads(workflow_json),
+        checked,
+        shares,
+        kept,
+        seed_params=seed_params,
+        job_seed=job_seed,
+        same_images=same_images,
+    )
     shards: list[ShardPlan] = []
     for index in kept:
         shard = Shard(index=index, count=shard_count, job_seed=job_seed)
+        # A cut batch keeps the one-GPU seeds: shard 0's (the value, or the job seed).
+        first = Shard(index=0, count=shard_count, job_seed=job_seed)
         values: list[Any] = []
         scaled: dict[str, int] = {}
         seeds: dict[str, int] = {}
@@ -425,55 +431,29 @@ async def plan_validated(
             value: Any
             if param.gpu_scale:
                 value = scaled[param.name] = shares[param.name][index]
+                if param.name in split.whole_batch:  # LatentFromBatch cuts the share
+                    value = sum(shares[param.name][j] for j in kept)
             else:
-                value = param_type.shard_value(param, prepared[param.name], shard)
+                seeded = split.shared_seeds and param_type.reports_seed
+                value = param_type.shard_value(
+                    param, prepared[param.name], first if seeded else shard
+                )
             values.append(value)
             if param_type.reports_seed:
                 for title in param.titles:
                     seeds[title] = int(value)
-        shards.append(ShardPlan(index, scaled, seeds, tuple(values), template))
-    logger.debug("planned %d shard(s) of %d, job seed %d", len(shards), shard_count, job_seed)
-    return JobPlan(shards=shards, seed=job_seed)
-
-
-def workflow_snapshot(workflow: Mapping[str, Any]) -> str:
-    """The workflow as compact JSON text, what its shards are built from; ``ParamError``
-    (param ``"workflow"``) for what is no workflow (``check_workflow``), or naming the node
-    that is not JSON as it is sent: NaN and infinities, lone surrogates (UTF-8 cannot carry
-    them), ints of over 4300 digits, cycles and nesting too deep are refused here, not when
-    a server takes a shard."""
-    check_workflow(workflow)
-    try:
-        # Interned: the jobs that share one workflow (only their params differ) share its text.
-        return sys.intern(_to_json(workflow))
-    except _NOT_JSON as exc:
-        for node_id, node in workflow.items():
-            try:
-                _to_json(node)
-            except _NOT_JSON:
-                title = title_of(node) if isinstance(node, Mapping) else None
-                where = f"node {str(node_id)!r}" + (f" ({title!r})" if title else "")
-                raise ParamError("workflow", f"{where} is not JSON: {_describe(exc)}") from exc
-        raise ParamError("workflow", f"is not JSON: {_describe(exc)}") from exc
-
-
-_NOT_JSON = (TypeError, ValueError, RecursionError)
-"""What ``json.dumps`` raises for what JSON cannot hold (``UnicodeEncodeError`` is a
-``ValueError``)."""
-
-
-def _to_json(value: object) -> str:
-    """``value`` as the strict JSON httpx sends (no NaN, valid UTF-8)."""
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    text.encode("utf-8")  # lone surrogates: what httpx's own encode would choke on
-    return text
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, RecursionError):
-        return "nested too deep"
-    return text if len(text) <= 200 else text[:197] + "..."
+        edits = split.edits.get(index, BatchEdits())
+        seeds.update(edits.reported)
+        offset = split.offsets.get(index)
+        shards.append(ShardPlan(index, scaled, seeds, tuple(values), template, offset, edits))
+    logger.debug(
+        "planned %d shard(s) of %d, job seed %d, split %s",
+        len(shards),
+        shard_count,
+        job_seed,
+        split.kind,
+    )
+    return JobPlan(shards=shards, seed=job_seed, split=split.kind)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from conftest import assert_no_duplicate_images
 from test_plugins_support import load_workflow, plan, png, std_plugins
 
 import comfytrio
@@ -78,9 +79,19 @@ async def test_gpu_scale_splits_an_integer_into_a_named_input(
     result = await comfy_api.run_workflow(load_workflow("sdxl_txt2img"), params=params)
     assert len(result.paths) == 3
     assert sorted(s.scaled["batch"] for s in result.shards) == [1, 2]
-    sent = [f.prompts_received[-1]["prompt"]["5"]["inputs"] for f in comfy_fakes]
-    assert sorted(inputs["batch_size"] for inputs in sent) == [1, 2]
+    prompts = [f.prompts_received[-1]["prompt"] for f in comfy_fakes]
+    sent = [prompt["5"]["inputs"] for prompt in prompts]
+    # Each shard keeps the whole batch and cuts its share out (LatentFromBatch).
+    assert [inputs["batch_size"] for inputs in sent] == [3, 3]
     assert all(inputs["width"] == 1024 for inputs in sent)
+    cuts = sorted(
+        (node["inputs"]["batch_index"], node["inputs"]["length"])
+        for prompt in prompts
+        for node in prompt.values()
+        if node["class_type"] == "LatentFromBatch"
+    )
+    assert cuts == [(0, 2), (2, 1)]
+    assert_no_duplicate_images(result)
 
 
 # --------------------------------------------------------------------------- the rules

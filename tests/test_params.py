@@ -136,8 +136,22 @@ async def test_gpu_scale_splits_with_distribute_and_drops_zero_shares(
         std_plugins(), load_workflow("sdxl_txt2img"), {"batch": batch(total)}, shard_count=shards
     )
     assert [s.scaled for s in job.shards] == [{"batch": n} for n in shares]
-    assert [s.workflow["22"]["inputs"]["value"] for s in job.shards] == shares
     assert [s.index for s in job.shards] == list(range(len(shares)))
+    cuts = [
+        [n["inputs"]["length"] for n in s.workflow.values() if n["class_type"] == "LatentFromBatch"]
+        for s in job.shards
+    ]
+    if len(shares) > 1:  # an EmptyLatentImage batch: whole on each shard, its share cut out
+        assert [s.workflow["22"]["inputs"]["value"] for s in job.shards] == [total] * len(shares)
+        assert cuts == [[n] for n in shares]
+    else:  # one shard runs the workflow as given
+        assert [s.workflow["22"]["inputs"]["value"] for s in job.shards] == shares
+        assert cuts == [[]]
+    # Any other batch (an EmptyImage here) gets each shard's share itself.
+    other = await plan(
+        std_plugins(), load_workflow("model_free"), {"batch": batch(total)}, shard_count=shards
+    )
+    assert [s.workflow["1"]["inputs"]["value"] for s in other.shards] == shares
 
 
 async def test_without_gpu_scale_every_shard_runs_the_whole_value() -> None:

@@ -17,11 +17,28 @@ BATCH = {"type": "integer", "value": 6, "gpu_scale": True, "node_mappings": "API
 
 
 async def test_without_a_seed_param_k_seed_gets_a_distinct_seed_per_shard() -> None:
-    job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), {"batch": BATCH}, shard_count=3)
+    # No batch split: each server runs the whole job, with a seed of its own.
+    job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), shard_count=3)
     seeds = [s.workflow["23"]["inputs"]["value"] for s in job.shards]
     assert len(set(seeds)) == 3
     assert [s.seeds for s in job.shards] == [{"K - SEED": seed} for seed in seeds]
     assert seeds == [job.seed, job.seed + 1, job.seed + 2]
+    assert job.split == "distinct-seeds"
+
+
+async def test_a_split_latent_batch_keeps_the_one_gpu_seed_on_every_shard() -> None:
+    # Each shard cuts its part of the whole batch: same seed, its own noise (LatentFromBatch).
+    job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), {"batch": BATCH}, shard_count=3)
+    assert [s.workflow["23"]["inputs"]["value"] for s in job.shards] == [job.seed] * 3
+    assert [s.seeds for s in job.shards] == [{"K - SEED": job.seed}] * 3
+    cuts = [
+        (node["inputs"]["batch_index"], node["inputs"]["length"])
+        for s in job.shards
+        for node in s.workflow.values()
+        if node["class_type"] == "LatentFromBatch"
+    ]
+    assert cuts == [(0, 2), (2, 2), (4, 2)]
+    assert job.split == "same-images"
 
 
 async def test_a_random_job_seed_stays_in_the_seed_librarys_range() -> None:
@@ -53,9 +70,13 @@ async def test_a_given_job_seed_is_used_as_is() -> None:
 
 
 async def test_a_seed_param_value_is_the_first_shards_seed() -> None:
-    params = {"seed": {"type": "seed", "value": 1234, "node_mappings": "K - SEED"}, "b": BATCH}
+    params = {"seed": {"type": "seed", "value": 1234, "node_mappings": "K - SEED"}}
     job = await plan(std_plugins(), load_workflow("sdxl_txt2img"), params, shard_count=2)
     assert [s.seeds for s in job.shards] == [{"K - SEED": 1234}, {"K - SEED": 1235}]
+    split = await plan(
+        std_plugins(), load_workflow("sdxl_txt2img"), {**params, "b": BATCH}, shard_count=2
+    )
+    assert [s.seeds for s in split.shards] == [{"K - SEED": 1234}] * 2  # one batch, one seed
 
 
 async def test_a_seed_param_without_value_uses_the_job_seed() -> None:

@@ -24,42 +24,56 @@ from ._common import (
 )
 from ._job import Job, Setup, make_display, run_job
 
-__all__ = ["DEMO_WORKFLOW", "add_demo_arguments", "demo", "demo_picture"]
+__all__ = ["DEMO_CHECKPOINT", "DEMO_WORKFLOW", "add_demo_arguments", "demo", "demo_picture"]
+
+DEMO_CHECKPOINT = "demo.safetensors"
+"""The (dummy) checkpoint the demo's fake servers load."""
+
+
+def _node(class_type: str, title: str, **inputs: Any) -> dict[str, Any]:
+    """A node as "Save (API)" writes it: its class, its inputs, its title."""
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
 
 DEMO_WORKFLOW: dict[str, Any] = {
-    "1": {
-        "class_type": "PrimitiveInt",
-        "inputs": {"value": 4},
-        "_meta": {"title": "API - BATCH SIZE"},
-    },
-    "2": {
-        "class_type": "PrimitiveString",
-        "inputs": {"value": "demo"},
-        "_meta": {"title": "API - PROMPT"},
-    },
-    "3": {
-        "class_type": "EmptyImage",
-        "inputs": {"width": 256, "height": 256, "batch_size": ["1", 0], "color": 3355443},
-        "_meta": {"title": "Empty Image"},
-    },
-    "4": {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["3", 0], "filename_prefix": ["2", 0]},
-        "_meta": {"title": "Save Image"},
-    },
-    "5": {
-        "class_type": "LoadImage",
-        "inputs": {"image": "example.png"},
-        "_meta": {"title": "API - PICTURE"},
-    },
-    "6": {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]}, "_meta": {"title": "Invert"}},
-    "7": {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["6", 0], "filename_prefix": "inverted"},
-        "_meta": {"title": "Save Inverted"},
-    },
+    "1": _node("PrimitiveInt", "API - BATCH SIZE", value=4),
+    "2": _node("PrimitiveString", "API - PROMPT", value="a lighthouse at dusk"),
+    "3": _node("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=DEMO_CHECKPOINT),
+    "4": _node("CLIPTextEncode", "Positive", text=["2", 0], clip=["3", 1]),
+    "5": _node("CLIPTextEncode", "Negative", text="blurry", clip=["3", 1]),
+    "6": _node(
+        "EmptyLatentImage", "Empty Latent Image", width=256, height=256, batch_size=["1", 0]
+    ),
+    "7": _node(
+        "KSampler",
+        "KSampler",
+        model=["3", 0],
+        positive=["4", 0],
+        negative=["5", 0],
+        latent_image=["6", 0],
+        seed=42,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    ),
+    "8": _node("VAEDecode", "VAE Decode", samples=["7", 0], vae=["3", 2]),
+    "9": _node("SaveImage", "Save Image", images=["8", 0], filename_prefix="demo"),
+    "10": _node("LoadImage", "API - PICTURE", image="example.png"),
+    "11": _node("ImageInvert", "Invert", image=["10", 0]),
+    "12": _node("SaveImage", "Save Inverted", images=["11", 0], filename_prefix="inverted"),
 }
-"""The model-free workflow of the demo (as exported with "Save (API)")."""
+"""The demo's workflow, as exported with "Save (API)": txt2img with the seed in the
+KSampler (the fake's simulated model: no weights), and a picture inverted."""
+
+_SPLITS = {
+    "single": "one shard: the workflow as given",
+    "same-images": "image i is image i of the whole batch on one server, cut with LatentFromBatch",
+    "distinct": "each shard draws its own part of the batch; not one server's images",
+    "distinct-seeds": "each shard got seeds of its own: no image repeats",
+    "unseeded": "nothing seeds the shards apart",
+}
 
 
 def demo_picture() -> bytes:
@@ -142,16 +156,23 @@ def demo(args: argparse.Namespace) -> int:
         plugins=make_plugin_manager(),
         env={"COMFYTRIO_FAKE_SECONDS_PER_IMAGE": str(args.seconds_per_image)},
     )
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (models / "checkpoints" / DEMO_CHECKPOINT).write_bytes(b"fake model weights")
     print(f"Starting {args.instances} fake ComfyUI servers under {work} ...", flush=True)
     code, result = run_job(setup, _demo_job(args.batch, picture), display, as_json=False)
     if result is None:
         return code
     for shard in result.shards:
-        print(f"shard {shard.index} on {shard.instance}: {shard.scaled} seeds={shard.seeds}")
+        print(
+            f"shard {shard.index} on {shard.instance}: {shard.scaled} from batch index "
+            f"{shard.batch_offset}, seeds={shard.seeds}"
+        )
+    print(f"split: {result.split}: {_SPLITS.get(result.split, '')}")
     print(
         f"{len(result.outputs)} images (job {result.job_id}, "
         f"{result.finished_at - result.started_at:.2f} s):"
     )
     for output in result.outputs:
-        print(f"  {output.path}")
+        index = "" if output.batch_index is None else f"  (batch index {output.batch_index})"
+        print(f"  {output.path}{index}")
     return EXIT_OK if result.ok else EXIT_FAILED

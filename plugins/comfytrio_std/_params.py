@@ -155,9 +155,12 @@ class BooleanType(BaseParamType):
 class SeedType(BaseParamType):
     """``seed``: a distinct seed per shard, reported in ``ShardPlan.seeds``.
 
-    Shard ``i`` gets ``value + i``; without a value, ``job_seed + i``. So a split batch never
-    repeats an image, a one-shard job with ``value: 42`` uses exactly 42, and giving the
-    job seed again (with as many shards) reproduces every seed. Goes into ``inputs.value``,
+    Shard ``i`` gets ``value + i``; without a value, ``job_seed + i``. So shards that each
+    run the whole job never repeat an image, a one-shard job with ``value: 42`` uses exactly
+    42, and giving the job seed again (with as many shards) reproduces every seed. When the
+    shards cut one ``EmptyLatentImage`` batch (``LatentFromBatch``), the plan asks every
+    shard for shard 0's value: each keeps the one-GPU seed and draws the noise of its own
+    batch indices. Goes into ``inputs.value``,
     or ``inputs.seed`` / ``inputs.noise_seed`` of a sampler node that has no ``value``.
     """
 
