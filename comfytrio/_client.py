@@ -1,7 +1,8 @@
 """The client for one ComfyUI server: submit, wait, run and cancel prompts.
 
-``ComfyClient`` puts together its REST calls (``_rest.py``, one HTTP client), its websocket
-session (``_session.py``, one websocket) and its prompts' state (``_prompts.py``, a pure state
+``ComfyClient`` puts together its REST calls (``_rest.py``, one HTTP client, and
+``_dialect.py`` for the routes that depend on the server's version), its websocket session
+(``_session.py``, one websocket) and its prompts' state (``_prompts.py``, a pure state
 machine). The names of ``_results.py`` and ``_rest.py`` other modules import are re-exported.
 
 Protocol facts this module is built on (recorded from a real ComfyUI 0.3.64, see
@@ -32,18 +33,19 @@ import attrs
 import trio
 
 from . import _firewall as firewall
+from ._dialect import DialectCalls
 from ._errors import (
     ComfyAPIError,
     ComfyUITimeoutError,
     ServerLostError,
-    ServerProtocolError,
     WorkflowError,
     unwrapped,
 )
 from ._events import ComfyEvent
+from ._frames import STREAMING_OUTPUT_CLASSES, Streams
 from ._http import HttpClient
 from ._prompts import Prompts, Watch
-from ._rest import RestCalls, SendFailed, instance_name, make_http, refused
+from ._rest import SendFailed, instance_name, make_http, refused
 from ._rest import wait_server_ready as wait_server_ready
 from ._results import ClientStatistics as ClientStatistics
 from ._results import OutputRef as OutputRef
@@ -74,7 +76,7 @@ def _share(client: ComfyClient, attribute: attrs.Attribute[Any], value: Any) -> 
 
 
 @attrs.define(eq=False)
-class ComfyClient(RestCalls):
+class ComfyClient(DialectCalls):
     """A connection to one ComfyUI server: HTTP calls plus one websocket for events.
 
     Make one with ``open_comfy_client()`` (or ``connect_comfy_client()`` to run it in your own
@@ -99,13 +101,28 @@ class ComfyClient(RestCalls):
     """At most this long is spent removing a cancelled or timed-out prompt from the server."""
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, on_setattr=_share)
     """Checks an https server's certificate (None: ``default_ssl_context()``)."""
+    output_node_classes: frozenset[str] = attrs.field(
+        default=STREAMING_OUTPUT_CLASSES, on_setattr=_share
+    )
+    """The node classes whose images sent over the websocket are outputs of the prompt
+    (``PromptResult.images``); images of any other node are previews (``NodePreview``
+    events). ``ComfyAPI`` sets it to the server's output nodes (``/object_info``)."""
+    max_image_bytes: int | None = attrs.field(default=None, on_setattr=_share)
+    """The largest image an output node may send over the websocket (None: no cap; the
+    websocket's own cap is 64 MiB a message); a larger one fails its prompt."""
+    max_held_bytes: int | None = attrs.field(default=2 * 1024**3, on_setattr=_share)
+    """The most bytes of images one prompt's output nodes may send over the websocket in
+    all (they are held in memory until it ends); more fails the prompt."""
 
     _prompts: Prompts = attrs.field(init=False, repr=False)
     _session: Session = attrs.field(init=False, repr=False)
     _malformed_count: int = attrs.field(default=0, init=False)
+    _jobs_api: bool | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._prompts = Prompts(self.name, self.silence_timeout, self.reconnect_timeout)
+        for name in ("output_node_classes", "max_image_bytes", "max_held_bytes"):
+            setattr(self._prompts, name, getattr(self, name))
         self._session = Session(
             self.url,
             self.client_id,
@@ -115,6 +132,7 @@ class ComfyClient(RestCalls):
             self.cancel_abandoned,
             self.ssl_context,
         )
+        self._session.add_connection_listener(self._forget_dialect)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,6 +174,9 @@ class ComfyClient(RestCalls):
             reconnects=session.reconnects,
             events_dropped=session.dropped,
             malformed=self._malformed_count + session.malformed_count,
+            jobs_api=self._jobs_api,
+            preview_metadata=session.preview_metadata,
+            frames_skipped=session.frames_skipped,
         )
 
     def subscribe(
@@ -182,34 +203,6 @@ class ComfyClient(RestCalls):
         """Fail every prompt in flight with ``ServerLostError`` (e.g. our process exited)."""
         self._prompts.fail_all(why)
 
-    async def _reconcile(self, watches: list[Watch]) -> None:
-        """Settle, from ``/queue`` and ``/history``, prompts whose events we may have missed
-        (``/queue`` first: see ``_prompts.py``)."""
-        prompts = self._prompts
-        watches = prompts.unsettled(watches)
-        if not watches:
-            return
-        try:
-            running, pending = firewall.queue_ids(await self.queue())
-        except (ServerLostError, ServerProtocolError) as exc:
-            prompts.unplaceable(watches, exc, trio.current_time())
-            return
-        for watch in watches:
-            if watch.done.is_set() or prompts.queued(watch, running, pending, trio.current_time()):
-                continue
-            try:
-                entry = await self.history(watch.prompt_id)
-            except ServerProtocolError as exc:  # this prompt's own history is malformed
-                prompts.history_malformed(watch, exc)
-                continue
-            except ServerLostError as exc:
-                prompts.unplaceable([watch], exc, trio.current_time())
-                continue
-            try:
-                prompts.history(watch, entry)
-            except firewall.Malformed as exc:
-                self._session.malformed(f"/history: {exc}", watch.prompt_id)
-
     # ------------------------------------------------------------------ prompts
 
     async def submit(
@@ -231,6 +224,7 @@ class ComfyClient(RestCalls):
         """
         prompt_id = prompt_id or str(uuid.uuid4())
         watch = self._prompts.watch(prompt_id, trio.current_time())
+        watch.streams = Streams.of(workflow)
         body: dict[str, Any] = {
             "prompt": workflow,
             "client_id": self.client_id,

@@ -1,5 +1,7 @@
 """A finished prompt's outputs as files on this machine: read in place from a local instance's
-folders, else downloaded (all of a shard's files at once, within the shard's timeout)."""
+folders, else downloaded (all of a shard's files at once, within the shard's timeout); the
+images its output nodes sent over the websocket (``SaveImageWebsocket``) written next to the
+downloads, type ``websocket``."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import trio
 from ._client import PromptResult
 from ._concurrency import run_concurrently
 from ._errors import ComfyUITimeoutError, ServerProtocolError, UnsafeNameError
-from ._files import output_path
+from ._files import atomic_file, output_path
 from ._instance import Instance
+from ._results import StreamedImage
 from ._types import OutputFile
 
 __all__ = ["OutputCollector"]
@@ -89,7 +92,24 @@ class OutputCollector:
             else:
                 await run_concurrently(fetching(i) for i in missing)
         name, prompt = instance.name, result.prompt_id
-        return [
+        found = [
             OutputFile(str(path), name, prompt, ref.node_id, ref.filename, ref.subfolder, ref.type)
             for ref, path in zip(files, paths, strict=True)
         ]
+        for image in result.images:
+            found.append(await _write_streamed(image, folder, name, prompt))
+        return found
+
+
+async def _write_streamed(
+    image: StreamedImage, folder: Path, instance: str, prompt_id: str
+) -> OutputFile:
+    """An image sent over the websocket, written atomically as
+    ``ws_<prompt>_<node>_<index>.<png|jpg>`` into ``folder``."""
+    node = re.sub(r"[^A-Za-z0-9_.-]", "_", image.node_id)
+    filename = f"ws_{prompt_id}_{node}_{image.index:05}.{image.extension}"
+    dest = output_path(folder, "", filename)
+    async with atomic_file(dest) as out:
+        await out.write(image.data)
+        await out.commit()
+    return OutputFile(str(dest), instance, prompt_id, image.node_id, filename, "", "websocket")

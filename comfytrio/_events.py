@@ -13,9 +13,12 @@ import attrs
 
 __all__ = [
     "ComfyEvent",
+    "NodeActivity",
     "NodeOutput",
+    "NodePreview",
     "NodeProgress",
     "NodeStarted",
+    "NodeText",
     "NodesCached",
     "PromptFinished",
     "PromptStarted",
@@ -81,6 +84,47 @@ class NodeProgress(ComfyEvent):
     """Steps done."""
     max: int
     """Steps in all."""
+
+
+@attrs.frozen
+class NodeActivity(ComfyEvent):
+    """What a running node spends its time on changed (``activity`` in the
+    ``progress_state`` of later ComfyUI versions, e.g. ``"loading"`` before a sampler's
+    steps; None once it stopped)."""
+
+    prompt_id: str
+    """The prompt."""
+    node_id: str
+    """The node."""
+    activity: str | None
+    """What it does now (None: only its steps)."""
+
+
+@attrs.frozen
+class NodePreview(ComfyEvent):
+    """A latent preview: an image a node that is not an output node (a sampler) sent over
+    the websocket while it ran. Never an output of the prompt."""
+
+    prompt_id: str
+    """The prompt."""
+    node_id: str
+    """The node (the one running, for a server that sends previews without metadata)."""
+    image: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    """The encoded image."""
+    image_type: str
+    """``image/jpeg`` or ``image/png``."""
+
+
+@attrs.frozen
+class NodeText(ComfyEvent):
+    """Text a running node sent (a binary ``TEXT`` frame, ``send_progress_text``)."""
+
+    prompt_id: str
+    """The prompt running that node."""
+    node_id: str
+    """The node."""
+    text: str
+    """What it said."""
 
 
 @attrs.frozen

@@ -26,6 +26,7 @@ import attrs
 __all__ = [
     "ErrorReport",
     "Malformed",
+    "activities",
     "cached_nodes",
     "error_report",
     "history_answer",
@@ -133,6 +134,22 @@ def node_id(value: Any, what: str = "node") -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise Malformed(f"{what} is {value!r}, not a node id")
+
+
+@_guarded
+def activities(data: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """Each node of a ``progress_state`` message with its ``activity`` (a string, or None
+    when it has none: ComfyUI 0.3.x never sends one)."""
+    nodes = data.get("nodes")
+    if nodes is None:
+        return []
+    found: list[tuple[str, str | None]] = []
+    for key, entry in _object(nodes, "progress_state.nodes").items():
+        activity = _object(entry, f"the progress_state of node {key!r:.40}").get("activity")
+        if activity is not None and not isinstance(activity, str):
+            raise Malformed(f"the activity of node {key!r:.40} is {activity!r:.40}")
+        found.append((node_id(key, "a progress_state node"), activity))
+    return found
 
 
 @_guarded

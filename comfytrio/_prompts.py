@@ -22,6 +22,10 @@ Protocol facts it is built on (recorded from a real ComfyUI 0.3.64, see
   ``/queue`` first (``queued``), ``/history/{id}`` second (``history``). ComfyUI writes the
   history entry before it removes the prompt from the running list, so a prompt that is in
   neither has vanished.
+* Binary frames (``_frames.py``) are news of a prompt too: an image frame of an output node
+  is held as an output until the prompt ends (and checked against the node's progress
+  count then), any other image is a preview event. A type 1 frame names no prompt nor node:
+  it belongs to the node the last ``executing`` named (ComfyUI runs one prompt at a time).
 * A prompt we give up on while the server may still have it (silent too long, the server
   unreachable, a malformed message) is kept in ``abandoned``: the client removes it from
   the server once it answers again, so it never runs there as well as elsewhere.
@@ -47,14 +51,18 @@ from ._errors import (
 )
 from ._events import (
     ComfyEvent,
+    NodeActivity,
     NodeOutput,
+    NodePreview,
     NodeProgress,
     NodesCached,
     NodeStarted,
+    NodeText,
     PromptFinished,
     PromptStarted,
     PromptStatus,
 )
+from ._frames import STREAMING_OUTPUT_CLASSES, ImageFrame, Streams, TextFrame
 from ._results import PromptResult
 
 __all__ = ["Prompts", "Watch"]
@@ -93,6 +101,10 @@ class Watch:
     """When we last had news of it."""
     outcome: PromptResult | ComfyAPIError | None = None
     """Its result, or the error ``wait()`` raises."""
+    streams: Streams = attrs.Factory(Streams)
+    """Its nodes' classes, and the images its output nodes sent over the websocket."""
+    activity: dict[str, str] = attrs.Factory(dict)
+    """Node id -> its ``activity`` in the last ``progress_state`` that had one."""
 
 
 @attrs.define(eq=False)
@@ -112,6 +124,16 @@ class Prompts:
     """Prompt id -> its watch, from before ``POST /prompt`` until ``wait()`` returns."""
     abandoned: set[str] = attrs.Factory(set)
     """Ids given up on that the server may still have: to remove from it."""
+    output_node_classes: frozenset[str] = STREAMING_OUTPUT_CLASSES
+    """The node classes whose image frames are outputs (the server's output nodes)."""
+    max_image_bytes: int | None = None
+    """The largest image an output node may send over the websocket (None: no cap)."""
+    max_held_bytes: int | None = 2 * 1024**3
+    """The most bytes of images one prompt's output nodes may send in all (held in memory
+    until it ends)."""
+    current: tuple[str, str] | None = None
+    """(prompt id, node id) of the last ``executing`` with a node: what a frame without
+    metadata belongs to."""
 
     # ------------------------------------------------------------------ a prompt's life
 
@@ -156,6 +178,8 @@ class Prompts:
         socket dropped while it ran). Raises ``firewall.Malformed`` for what ComfyUI never
         sends.
         """
+        if kind == "executing":
+            self._executing(data)
         watch = self.get(data.get("prompt_id"))
         if watch is None:
             return None  # another client's prompt, or a message of no prompt
@@ -176,8 +200,11 @@ class Prompts:
             node = firewall.node_id(data.get("node"))
             value = firewall.number(data.get("value", 0), "progress value")
             top = firewall.number(data.get("max", 0), "progress max")
+            watch.streams.progress(node, int(top))
             if emit is not None:
                 emit(NodeProgress(self.name, prompt_id, node, int(value), int(top)))
+        elif kind == "progress_state":
+            self._progress_state(watch, data)
         elif kind == "executed":
             node = firewall.node_id(data.get("node"))
             output = firewall.output(data.get("output", {}), node)
@@ -185,6 +212,7 @@ class Prompts:
             if emit is not None:
                 emit(NodeOutput(self.name, prompt_id, node, output))
         elif kind == "execution_start":
+            watch.streams.missed = False  # every frame of its run comes from now on
             if emit is not None:
                 emit(PromptStarted(self.name, prompt_id))
         elif kind == "execution_cached":
@@ -197,6 +225,66 @@ class Prompts:
             watch.interrupted = firewall.error_report(data)
         return None
 
+    def _executing(self, data: dict[str, Any]) -> None:
+        """Note which node runs now (frames without metadata are its)."""
+        prompt_id, node = data.get("prompt_id"), data.get("node")
+        if isinstance(prompt_id, str) and isinstance(node, str | int) and node != "":
+            self.current = (prompt_id, str(node))
+        elif self.current is not None and self.current[0] == prompt_id:
+            self.current = None
+
+    def _progress_state(self, watch: Watch, data: dict[str, Any]) -> None:
+        """``progress_state``: each node's ``activity`` (later ComfyUI versions) that
+        changed becomes a ``NodeActivity`` event."""
+        for node, activity in firewall.activities(data):
+            if watch.activity.get(node) == activity:
+                continue
+            if activity is None:
+                watch.activity.pop(node, None)
+            else:
+                watch.activity[node] = activity
+            if self.emit is not None:
+                self.emit(NodeActivity(self.name, watch.prompt_id, node, activity))
+
+    # ------------------------------------------------------------------ binary frames
+
+    def owner(self, frame: ImageFrame | TextFrame) -> tuple[Watch, str] | None:
+        """The prompt of ours a frame belongs to, and its node; None for another client's
+        prompt, or a frame without metadata while none of ours runs."""
+        if isinstance(frame, ImageFrame) and frame.prompt_id is not None:
+            watch = self.get(frame.prompt_id)
+            return None if watch is None or frame.node_id is None else (watch, frame.node_id)
+        if self.current is None:
+            return None
+        prompt_id, running = self.current
+        watch = self.get(prompt_id)
+        if watch is None:
+            return None
+        node = frame.node_id if frame.node_id is not None else running
+        return watch, node
+
+    def frame(self, watch: Watch, node: str, frame: ImageFrame | TextFrame, now: float) -> None:
+        """Act on a binary frame of ``watch``'s ``node``: an output node's image is held as
+        an output, any other image is a ``NodePreview``, text a ``NodeText``. Raises
+        ``firewall.Malformed`` for an image over the caps."""
+        if watch.done.is_set():
+            return  # it ended (a cap was hit, say): what follows is of no use
+        watch.last_activity = now
+        watch.seen = True
+        if watch.started_at is None:
+            self._start(watch, now)
+        emit = self.emit
+        if isinstance(frame, TextFrame):
+            if emit is not None:
+                emit(NodeText(self.name, watch.prompt_id, node, frame.text))
+            return
+        if watch.streams.node_class(frame, node) in self.output_node_classes:
+            watch.streams.add(
+                node, frame, max_image=self.max_image_bytes, max_held=self.max_held_bytes
+            )
+        elif emit is not None:
+            emit(NodePreview(self.name, watch.prompt_id, node, frame.data, frame.image_type))
+
     def _ended(self, watch: Watch) -> Watch | None:
         if watch.gap and watch.error is None and watch.interrupted is None:
             return watch  # the socket dropped while it ran: some `executed` may be lost
@@ -207,6 +295,7 @@ class Prompts:
         """The websocket dropped: events of every prompt in flight may be lost."""
         for watch in self.watches.values():
             watch.gap = True
+            watch.streams.missed = True
 
     def malformed(self, watch: Watch, detail: str) -> bool:
         """The server sent, about this prompt, what ComfyUI never sends: it ends with
@@ -333,10 +422,15 @@ class Prompts:
         elif interrupted is not None:
             failure = self._failure(watch, interrupted, outputs, stopped=True)
             self._settle(watch, failure, "interrupted")
+        elif watch.streams.lost(self.output_node_classes):
+            self._lost(watch, "the websocket was down while it ran: images it sent are lost")
+        elif (short := watch.streams.shortfall(self.output_node_classes)) is not None:
+            short_error = ServerProtocolError(self.name, short, prompt_id=watch.prompt_id)
+            self._settle(watch, short_error, "error")
         else:
-            self._settle(
-                watch, PromptResult(self.name, watch.prompt_id, outputs, cached), "success"
-            )
+            images = tuple(watch.streams.images)
+            result = PromptResult(self.name, watch.prompt_id, outputs, cached, images)
+            self._settle(watch, result, "success")
 
     def _failure(
         self,

@@ -149,8 +149,13 @@ class RestCalls:
     async def _post(self, path: str, body: Any) -> None:
         """``POST path`` with a JSON ``body`` that may be sent twice (a delete, an
         interrupt); its answer does not matter."""
+        await self._post_status(path, body)
+
+    async def _post_status(self, path: str, body: Any) -> int:
+        """``POST path`` with a JSON ``body`` that may be sent twice: its status."""
         with _transport_errors(self.name, f"POST {path}"):
-            await self.http.request("POST", path, json=body, idempotent=True)
+            r = await self.http.request("POST", path, json=body, idempotent=True)
+        return r.status_code
 
     async def _upload(
         self, path: str, fields: Mapping[str, str], files: Mapping[str, tuple[str, bytes]]

@@ -18,6 +18,11 @@ Protocol facts it is built on (recorded from a real ComfyUI 0.3.64, see
   its prompts (they run elsewhere), and those are removed from it once it is back.
 * A message ComfyUI never sends (checked by ``_firewall``) is counted and logged, and ends
   the prompt it names; it never ends the session.
+* Our first message announces ``supports_preview_metadata`` (``_frames.FEATURE_FLAGS``):
+  servers that know it send images as type 4 frames naming node and prompt (and answer
+  with their own ``feature_flags``); older ones ignore it and send type 1 frames. Binary
+  frames are decoded by ``_frames`` and handed to the prompt they belong to; a frame of an
+  unknown event type is counted (``frames_skipped``) and skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import attrs
 import trio
 
 from . import _firewall as firewall
+from . import _frames as frames
 from ._errors import ServerLostError
 from ._events import ComfyEvent, QueueStatus
 from ._http import HTTPError, open_stream
@@ -92,6 +98,10 @@ class Session:
     """Events not delivered to a subscriber whose buffer was full."""
     malformed_count: int = attrs.field(default=0, init=False)
     """Messages the server sent that ComfyUI never sends."""
+    frames_skipped: int = attrs.field(default=0, init=False)
+    """Binary frames of an event type we do not read."""
+    preview_metadata: bool = attrs.field(default=False, init=False)
+    """The server's ``feature_flags`` answer has ``supports_preview_metadata``."""
     last_message_at: float = attrs.field(default=-math.inf, init=False)
     """``trio.current_time()`` when the websocket last brought a message."""
     _connected_event: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -163,6 +173,7 @@ class Session:
                 ws = await websocket_handshake(
                     stream, host, resource, max_message_size=_MAX_WS_MESSAGE
                 )
+                await ws.send_text(frames.FEATURE_FLAGS)
             try:
                 yield ws
             finally:
@@ -215,7 +226,8 @@ class Session:
             message = await ws.receive()
             now = self.last_message_at = trio.current_time()  # a preview is a sign of life too
             if isinstance(message, bytes):
-                continue  # a binary preview: not used yet
+                self._frame(message, now)
+                continue
             text = message
             prompt_id: str | None = None
             try:
@@ -229,8 +241,31 @@ class Session:
                 logger.exception("%s: could not handle a message %.200r", self.name, text)
                 self.malformed(f"a message we could not handle ({exc!r})", prompt_id)
 
+    def _frame(self, data: bytes, now: float) -> None:
+        """Act on one binary frame: decoded, checked, handed to its prompt."""
+        prompt_id: str | None = None
+        try:
+            frame = frames.decode(data)
+            owner = self.prompts.owner(frame)
+            if owner is None:
+                return  # another client's prompt (text frames go to every socket)
+            watch, node = owner
+            prompt_id = watch.prompt_id
+            self.prompts.frame(watch, node, frame, now)
+        except frames.Unknown as exc:
+            self.frames_skipped += 1
+            logger.debug("%s: skipping %s", self.name, exc)
+        except firewall.Malformed as exc:
+            self.malformed(str(exc), prompt_id)
+        except Exception as exc:  # a bug of ours must not let one server end the api
+            logger.exception("%s: could not handle a binary frame", self.name)
+            self.malformed(f"a binary frame we could not handle ({exc!r})", prompt_id)
+
     def _handle(self, kind: str, data: dict[str, Any], now: float) -> None:
         """Act on one checked message; ``firewall.Malformed`` for what ComfyUI never sends."""
+        if kind == "feature_flags":
+            self.preview_metadata = data.get("supports_preview_metadata") is True
+            return
         if kind == "status":
             self.queue_remaining = firewall.queue_remaining(data)
             if self._subscribers:
