@@ -9,9 +9,12 @@ import logging
 
 from ._api import ComfyAPI as ComfyAPI
 from ._api import WorkflowOptions as WorkflowOptions
+from ._check import WorkflowProblem as WorkflowProblem
 from ._client import ComfyClient as ComfyClient
 from ._client import connect_comfy_client as connect_comfy_client
 from ._client import open_comfy_client as open_comfy_client
+from ._dry_run import CheckReport as CheckReport
+from ._dry_run import PlannedShard as PlannedShard
 from ._errors import ComfyAPIError as ComfyAPIError
 from ._errors import ComfyUIStartupError as ComfyUIStartupError
 from ._errors import ComfyUITimeoutError as ComfyUITimeoutError
@@ -22,6 +25,7 @@ from ._errors import GPUDetectionError as GPUDetectionError
 from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import NodeInputNotFoundError as NodeInputNotFoundError
 from ._errors import NodeTitleNotFoundError as NodeTitleNotFoundError
+from ._errors import NotReproducibleError as NotReproducibleError
 from ._errors import ParamError as ParamError
 from ._errors import PluginError as PluginError
 from ._errors import PortInUseError as PortInUseError
@@ -33,10 +37,13 @@ from ._errors import UnknownParamTypeError as UnknownParamTypeError
 from ._errors import UnsafeNameError as UnsafeNameError
 from ._errors import WorkflowError as WorkflowError
 from ._events import ComfyEvent as ComfyEvent
+from ._events import NodeActivity as NodeActivity
 from ._events import NodeOutput as NodeOutput
+from ._events import NodePreview as NodePreview
 from ._events import NodeProgress as NodeProgress
 from ._events import NodesCached as NodesCached
 from ._events import NodeStarted as NodeStarted
+from ._events import NodeText as NodeText
 from ._events import PromptFinished as PromptFinished
 from ._events import PromptStarted as PromptStarted
 from ._events import QueueStatus as QueueStatus
@@ -53,6 +60,7 @@ from ._rest import wait_server_ready as wait_server_ready
 from ._results import ClientStatistics as ClientStatistics
 from ._results import OutputRef as OutputRef
 from ._results import PromptResult as PromptResult
+from ._results import StreamedImage as StreamedImage
 from ._results import SubmittedPrompt as SubmittedPrompt
 from ._scheduler import ApiStatistics as ApiStatistics
 from ._scheduler import InstanceStatistics as InstanceStatistics
@@ -65,6 +73,7 @@ from ._types import JobResult as JobResult
 from ._types import LoRARef as LoRARef
 from ._types import ModelRef as ModelRef
 from ._types import OutputFile as OutputFile
+from ._types import OutputValue as OutputValue
 from ._types import RemoteComfyUI as RemoteComfyUI
 from ._types import ShardFailure as ShardFailure
 from ._types import ShardReport as ShardReport

@@ -17,12 +17,13 @@ import trio
 
 from ._collect import OutputCollector
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT
+from ._dry_run import CheckReport, check_job
 from ._errors import ComfyAPIError, unwrapped
 from ._fleet import start_all, watch_capacity
 from ._gpu import detect_gpus
 from ._http import default_ssl_context
 from ._instance import Instance, InstanceState
-from ._jobs import OutputTask, ShardWork, job_result, run_shard
+from ._jobs import OutputTask, ShardOutputs, ShardWork, job_result, run_shard
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
@@ -36,7 +37,6 @@ from ._types import (
     JobResult,
     LoRARef,
     ModelRef,
-    OutputFile,
     RemoteComfyUI,
 )
 
@@ -60,6 +60,9 @@ class WorkflowOptions(TypedDict, total=False):
     """The job's params, by name (checked when the job is called)."""
     seed: int | None
     """The job seed (give a result's ``seed`` again to reproduce it; None: a random one)."""
+    same_images: bool
+    """Refuse (``NotReproducibleError``) a split that would not make the images of one GPU
+    (see ``run_workflow``)."""
 
 
 class ComfyAPI:
@@ -143,7 +146,7 @@ class ComfyAPI:
         self._env = dict(env or {})
         self.faults = faults or FaultPolicy()
         self.instances: list[Instance] = self._build_instances(instances)
-        self._scheduler: Scheduler[Instance, ShardWork, list[OutputFile]] = Scheduler(
+        self._scheduler: Scheduler[Instance, ShardWork, ShardOutputs] = Scheduler(
             self._run_shard,
             depth=prompts_per_instance,
             max_attempts=self.faults.max_shard_attempts,
@@ -309,7 +312,7 @@ class ComfyAPI:
     ) -> list[str]:
         """Run ``workflow`` split across the instances; return the absolute paths of every
         output file (the seed library's call). Its keywords (``models``, ``loras``,
-        ``params``, ``seed``) are ``run_workflow``'s.
+        ``params``, ``seed``, ``same_images``) are ``run_workflow``'s.
 
         Some shards failing: their errors are logged, the others' files are returned. Every
         shard failing: the first error is raised, with the others in ``other_errors``.
@@ -327,6 +330,7 @@ class ComfyAPI:
         params: Mapping[str, Mapping[str, Any]] | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        same_images: bool = False,
     ) -> JobResult:
         """Like ``execute_workflow`` but return a ``JobResult``: every output (path, instance,
         node id, file name, sub-folder, type), every failed shard, seeds and timings.
@@ -336,6 +340,15 @@ class ComfyAPI:
         shard past it fails with ``ComfyUITimeoutError`` and its prompt is interrupted. If
         the caller is cancelled, the job's prompts are deleted or interrupted on every server
         before the cancellation goes on.
+
+        A split batch never repeats an image. A ``gpu_scale`` param that sets the
+        ``batch_size`` of an ``EmptyLatentImage`` (of at most 64) keeps the whole batch
+        and the seed on every shard and cuts each shard's part with ``LatentFromBatch``:
+        each image is the one-GPU image of its ``OutputFile.batch_index`` (``JobResult.split``
+        says whether that held). Other splits give each shard's samplers their own seeds.
+        ``same_images=True`` raises ``NotReproducibleError`` (before anything runs) for a
+        split that would not make the one-GPU images: an ancestral, SDE or LCM sampler, a
+        batch over 64, a split of anything but an ``EmptyLatentImage`` batch.
         """
         if self._http is None or self._plugins is None:
             raise RuntimeError("use ComfyAPI inside `async with`")
@@ -362,6 +375,7 @@ class ComfyAPI:
                 ),
                 http=self._http,
                 job_seed=job_seed,
+                same_images=same_images,
             )
             logger.info(
                 "job %s: %d shard(s) for %d instance(s)", job_id, len(plan.shards), len(ready)
@@ -372,7 +386,42 @@ class ComfyAPI:
             ]
             self._scheduler.submit(job_id, shards)
         finished = await self._scheduler.wait(job_id)
-        return job_result(job_id, finished, seed=plan.seed, started_at=started_at)
+        return job_result(job_id, finished, seed=plan.seed, started_at=started_at, split=plan.split)
+
+    async def check_workflow(
+        self,
+        workflow: Mapping[str, Any],
+        *,
+        models: Sequence[ModelRef] = (),
+        loras: Sequence[LoRARef] = (),
+        params: Mapping[str, Mapping[str, Any]] | None = None,
+        seed: int | None = None,
+        same_images: bool = False,
+    ) -> CheckReport:
+        """A dry run of ``run_workflow`` (same keywords): plan the job on the instances ready
+        now and check each shard's workflow against every one's ``/object_info`` (node
+        classes, required inputs, links, types, ranges, lists such as model files) and
+        ``models`` against their ``/models`` lists. Returns a ``CheckReport``: the shards
+        with their params and seeds, and every problem (a bad param, an unknown title, a
+        wrong model name...), not just the first. Sends no prompt, uploads and downloads
+        nothing (an image param is not prepared: see ``CheckReport.notes``). Raises only
+        ``ValueError`` (a bad ``seed``) and, with no instance ready, ``ComfyAPIError``."""
+        if self._http is None or self._plugins is None:
+            raise RuntimeError("use ComfyAPI inside `async with`")
+        ready = self._ready_instances()
+        local = any(i.owned or i.is_local for i in ready)
+        return await check_job(
+            self._plugins,
+            workflow,
+            params=params or {},
+            models=models,
+            loras=loras,
+            seed=seed,
+            same_images=same_images,
+            instances=ready,
+            models_path=self.models_path if local else None,
+            http=self._http,
+        )
 
     def _ready_instances(self) -> list[Instance]:
         """The instances ready now; ``ComfyAPIError`` when there are none."""
@@ -381,7 +430,7 @@ class ComfyAPI:
             raise ComfyAPIError("no ComfyUI instance is ready to run the job")
         return ready
 
-    async def _run_shard(self, instance: Instance, task: OutputTask) -> list[OutputFile]:
+    async def _run_shard(self, instance: Instance, task: OutputTask) -> ShardOutputs:
         """The scheduler's runner: ``run_shard`` with the api's output settings."""
         collector = OutputCollector(self.download_dir, self.max_output_bytes)
         return await run_shard(instance, task, collector)

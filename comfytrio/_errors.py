@@ -10,7 +10,9 @@ The tree::
     ├── ParamError                     .param: a bad entry of the ``params`` dict
     │   ├── UnknownParamTypeError      .type_name, .known
     │   ├── NodeTitleNotFoundError     .title, .available
-    │   └── NodeInputNotFoundError     .title, .node_id, .input_name, .available
+    │   ├── NodeInputNotFoundError     .title, .node_id, .input_name, .available
+    │   └── NotReproducibleError       .node_id, .title, .sampler, .reason: a split that
+    │                                  would not make one GPU's images (``same_images``)
     ├── PluginError                    a plugin is broken (duplicate name, bad hook)
     └── ServerError                    .instance, .prompt_id, .retryable: one server's error
         ├── ComfyUIStartupError        .log_tail: a ComfyUI process did not start
@@ -51,6 +53,7 @@ __all__ = [
     "ModelNotFoundError",
     "NodeInputNotFoundError",
     "NodeTitleNotFoundError",
+    "NotReproducibleError",
     "ParamError",
     "PluginError",
     "PortInUseError",
@@ -171,6 +174,38 @@ class NodeInputNotFoundError(ParamError):
             param,
             f"node {title!r} (id {node_id!r}) has no input {input_name!r}{hint}; "
             f"its inputs: {inputs}",
+        )
+
+
+class NotReproducibleError(ParamError):
+    """A job asked for the same images as one GPU (``same_images=True``) and its split
+    cannot make them: a sampler that draws noise at every step (ancestral, SDE, LCM), a
+    sampler the split batch does not feed, a batch over 64, a split of something other than
+    an ``EmptyLatentImage`` batch. ``param`` is the split param (``"workflow"`` when none
+    splits a batch), ``node_id``/``title`` the node at fault and ``sampler`` its sampler
+    (None when not known or not at fault)."""
+
+    def __init__(
+        self,
+        param: str,
+        node_id: str | None,
+        title: str | None,
+        sampler: str | None,
+        reason: str,
+    ) -> None:
+        self.node_id = node_id
+        self.title = title
+        self.sampler = sampler
+        self.reason = reason
+        where = ""
+        if node_id is not None:
+            where = f"node {title or node_id!r} (id {node_id!r})"
+            where += f", sampler {sampler!r}" if sampler is not None else ""
+            where += ": "
+        super().__init__(
+            param,
+            f"cannot make the same images as one GPU: {where}{reason} (without same_images "
+            "the split still makes distinct images)",
         )
 
 

@@ -15,12 +15,20 @@ from outcome import Error, Value
 from ._client import PromptResult
 from ._collect import OutputCollector
 from ._errors import ComfyAPIError, ExecutionError
+from ._frames import STREAMING_OUTPUT_CLASSES
 from ._instance import Instance
 from ._plan import ShardPlan
 from ._shards import ShardTask
-from ._types import JobResult, OutputFile, ShardFailure, ShardReport
+from ._types import JobResult, OutputFile, OutputValue, ShardFailure, ShardReport
 
-__all__ = ["JOB_MARKER_INPUT", "OutputTask", "ShardWork", "job_result", "run_shard"]
+__all__ = [
+    "JOB_MARKER_INPUT",
+    "OutputTask",
+    "ShardOutputs",
+    "ShardWork",
+    "job_result",
+    "run_shard",
+]
 
 logger = logging.getLogger("comfytrio")
 
@@ -41,19 +49,32 @@ class ShardWork:
     its downloads)."""
 
 
-OutputTask: TypeAlias = ShardTask[ShardWork, list[OutputFile]]
+@attrs.frozen
+class ShardOutputs:
+    """What one shard that succeeded produced."""
+
+    files: list[OutputFile]
+    """Its outputs as files here (downloaded, read in place, or sent over the websocket)."""
+    values: list[OutputValue]
+    """What its output nodes reported that is not a file."""
+
+
+OutputTask: TypeAlias = ShardTask[ShardWork, ShardOutputs]
 """A shard of a job, as the api's scheduler carries it."""
 
 
 async def run_shard(
     instance: Instance, task: OutputTask, collector: OutputCollector
-) -> list[OutputFile]:
-    """Run one shard on ``instance`` and return its outputs as files here. Its workflow is
-    built now, when a server took it, not while it waited in the queue. A prompt that failed
-    keeps the files it wrote before it failed (``ExecutionError.outputs``)."""
+) -> ShardOutputs:
+    """Run one shard on ``instance`` and return its outputs as files here, and its other
+    outputs as values. Its workflow is built now, when a server took it, not while it
+    waited in the queue. A prompt that failed keeps the files it wrote before it failed
+    (``ExecutionError.outputs``)."""
     work = task.payload
     output_classes = await instance.output_node_classes()
     assert instance.client is not None
+    instance.client.output_node_classes = output_classes | STREAMING_OUTPUT_CLASSES
+    instance.client.max_image_bytes = collector.max_bytes
     try:
         prompt = work.plan.build()
         for node in prompt.values():
@@ -67,7 +88,13 @@ async def run_shard(
             if exc.node_outputs:  # what it wrote before it failed is kept
                 exc.outputs = tuple(await _written_before(exc, instance, task, collector))
             raise
-        return await collector.collect(result, instance, task.job_id, work.timeout)
+        files = await collector.collect(result, instance, task.job_id, work.timeout)
+        values = [
+            OutputValue(task.index, instance.name, task.prompt_id, node, key, tuple(found))
+            for node, keys in result.values.items()
+            for key, found in keys.items()
+        ]
+        return ShardOutputs(numbered(files, work.plan), values)
     except ComfyAPIError as exc:
         logger.error(
             "job %s: shard %d failed on %s: %s", task.job_id, task.index, instance.name, exc
@@ -97,28 +124,64 @@ async def _written_before(
     return files
 
 
+def numbered(files: Sequence[OutputFile], plan: ShardPlan) -> list[OutputFile]:
+    """``files`` with their ``batch_index``: an output node that wrote one file per item of
+    the shard's share (``plan.scaled``) wrote items ``batch_offset`` .. in order."""
+    if plan.batch_offset is None or len(plan.scaled) != 1:
+        return list(files)
+    (share,) = plan.scaled.values()
+    by_node: dict[str, int] = {}
+    for file in files:
+        by_node[file.node_id] = by_node.get(file.node_id, 0) + 1
+    seen: dict[str, int] = {}
+    out: list[OutputFile] = []
+    for file in files:
+        position = seen[file.node_id] = seen.get(file.node_id, -1) + 1
+        if by_node[file.node_id] == share:
+            file = attrs.evolve(file, batch_index=plan.batch_offset + position)
+        out.append(file)
+    return out
+
+
 def job_result(
-    job_id: str, tasks: Sequence[OutputTask], *, seed: int, started_at: float
+    job_id: str,
+    tasks: Sequence[OutputTask],
+    *,
+    seed: int,
+    started_at: float,
+    split: str = "single",
 ) -> JobResult:
-    """The ``JobResult`` of a job whose shards all ended.
+    """The ``JobResult`` of a job whose shards all ended, its outputs ordered by
+    ``batch_index`` (those without one last, shard by shard).
 
     Some shards failing: their errors are logged and listed. Every shard failing: the first
     error is raised, with the others in its ``other_errors``.
     """
     outputs: list[OutputFile] = []
+    values: list[OutputValue] = []
     failures: list[ShardFailure] = []
     for task in tasks:
         match task.outcome:
-            case Value(value=files):
-                outputs.extend(files)
+            case Value(value=done):
+                outputs.extend(done.files)
+                values.extend(done.values)
             case Error(error=error):
                 written = tuple(error.outputs) if isinstance(error, ExecutionError) else ()
                 where = task.instance or ""
                 failures.append(ShardFailure(task.index, where, task.prompt_id, error, written))
     reports = tuple(_report(task) for task in tasks)
     finished_at = trio.current_time()
+    outputs.sort(key=lambda o: (o.batch_index is None, o.batch_index or 0))  # stable
     result = JobResult(
-        job_id, tuple(outputs), tuple(failures), reports, seed, started_at, finished_at
+        job_id,
+        tuple(outputs),
+        tuple(failures),
+        reports,
+        seed,
+        started_at,
+        finished_at,
+        split,
+        values=tuple(values),
     )
     if failures and len(failures) == len(tasks):
         first = failures[0].error
@@ -147,6 +210,7 @@ def _report(task: OutputTask) -> ShardReport:
         task.prompt_id,
         dict(task.payload.plan.scaled),
         dict(task.payload.plan.seeds),
+        task.payload.plan.batch_offset,
         task.started_at or task.enqueued_at,
         task.finished_at or trio.current_time(),
         isinstance(task.outcome, Value),

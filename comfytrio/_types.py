@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -15,6 +16,7 @@ __all__ = [
     "LoRARef",
     "ModelRef",
     "OutputFile",
+    "OutputValue",
     "RemoteComfyUI",
     "ShardFailure",
     "ShardReport",
@@ -99,7 +101,34 @@ class OutputFile:
     subfolder: str
     """ComfyUI's sub-folder inside its output (or temp) folder."""
     type: str
-    """``output`` (SaveImage) or ``temp`` (PreviewImage)."""
+    """``output`` (SaveImage), ``temp`` (PreviewImage), or ``websocket``: an image an output
+    node sent over the websocket (SaveImageWebsocket), written by us into the download
+    folder as ``ws_<prompt id>_<node id>_<index>.png`` (``filename``; ``subfolder`` empty)."""
+    batch_index: int | None = None
+    """Its index in the job's whole batch (0 .. N-1) when one ``gpu_scale`` param splits
+    the batch and its node wrote one file per item of the shard's share: shard ``k..k+m-1``'s
+    j-th file is ``k + j``. With ``JobResult.split == "same-images"`` it is the image of
+    that index of the one-GPU run. None otherwise (no split param, or a node that wrote
+    another number of files, such as a grid)."""
+
+
+@attrs.frozen
+class OutputValue:
+    """What an output node reported that is not a file: ``PreviewAny``'s
+    ``{"text": [...]}``, numbers, flags (one key of its ``ui`` output)."""
+
+    shard: int
+    """The index of the shard that made it."""
+    instance: str
+    """The server that ran it."""
+    prompt_id: str
+    """The prompt."""
+    node_id: str
+    """The output node."""
+    key: str
+    """The key of its ``ui`` output (``text``)."""
+    values: tuple[Any, ...]
+    """What it reported there, as ComfyUI sent it (JSON values)."""
 
 
 @attrs.frozen
@@ -164,7 +193,12 @@ class ShardReport:
     scaled: dict[str, int]
     """Its share of every ``gpu_scale`` param."""
     seeds: dict[str, int]
-    """The seed given to each seed node (by node title)."""
+    """The seed given to each seed node (by node title), and the seed each sampler draws
+    its noise with where the job does not set it: kept from the workflow when the shards cut
+    one batch (``LatentFromBatch``), its own per shard otherwise (``distinct-seeds``), by
+    the sampler's title (``"TITLE (id N)"`` when titles repeat)."""
+    batch_offset: int | None
+    """Its first index in the job's whole batch (None without one ``gpu_scale`` param)."""
     submitted_at: float
     """``trio.current_time()`` when it was sent."""
     finished_at: float
@@ -180,7 +214,8 @@ class JobResult:
     job_id: str
     """Our id for the job (also the marker that keeps its files apart)."""
     outputs: tuple[OutputFile, ...]
-    """Every file produced, shard by shard."""
+    """Every file produced, ordered by ``batch_index`` (files without one last), else
+    shard by shard."""
     failures: tuple[ShardFailure, ...]
     """Every shard that failed."""
     shards: tuple[ShardReport, ...]
@@ -191,11 +226,30 @@ class JobResult:
     """``trio.current_time()`` when the job began."""
     finished_at: float
     """``trio.current_time()`` when it ended."""
+    split: str = "single"
+    """How the shards relate to one GPU's run: ``"single"`` (one shard, the workflow as
+    given), ``"same-images"`` (the shards cut one batch with ``LatentFromBatch``: each
+    output is the image of its ``batch_index`` in the one-GPU run, within a GPU's rounding),
+    ``"distinct"`` (cut the same way, but a sampler that draws noise at every step, or a
+    latent size torch draws differently, makes other images than one GPU: none repeats),
+    ``"distinct-seeds"`` (each shard's samplers got their own seed: images differ),
+    ``"unseeded"`` (nothing seeds the shards apart: a model-free workflow makes what its
+    nodes make). See "Same images as one GPU" in docs/scheduling.md."""
+    values: tuple[OutputValue, ...] = ()
+    """What the output nodes of the shards that succeeded reported that is not a file
+    (``PreviewAny``'s text, numbers), shard by shard."""
+
+    @property
+    def reproducible(self) -> bool:
+        """True when the outputs are those of the job on one GPU (``split`` is
+        ``"single"`` or ``"same-images"``)."""
+        return self.split in ("single", "same-images")
 
     @property
     def paths(self) -> list[str]:
-        """The paths of the ``output`` files (what ``execute_workflow`` returns)."""
-        return [o.path for o in self.outputs if o.type == "output"]
+        """The paths of the ``output`` and ``websocket`` files (what ``execute_workflow``
+        returns)."""
+        return [o.path for o in self.outputs if o.type in ("output", "websocket")]
 
     @property
     def ok(self) -> bool:

@@ -19,6 +19,7 @@ import trio
 import trio_websocket
 import trustme
 
+from comfytrio import JobResult, OutputFile
 from comfytrio.testing import FakeComfyUI
 
 pytest_plugins = ["pytester"]
@@ -368,3 +369,41 @@ def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     return server, trusting
+
+
+def image_pixels(path: str | Path) -> bytes:
+    """An image file's size and RGB pixels: what two files must share to be the same image
+    (PNG metadata, such as the prompt ComfyUI embeds, left out)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return f"{image.size}".encode() + image.convert("RGB").tobytes()
+
+
+def duplicate_images(result: JobResult) -> list[list[OutputFile]]:
+    """The groups of a job's output images that hold the same pixels (two or more each)."""
+    groups: dict[bytes, list[OutputFile]] = {}
+    for output in result.outputs:
+        if output.type == "output" and output.path.endswith((".png", ".webp", ".jpg")):
+            groups.setdefault(image_pixels(output.path), []).append(output)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def assert_no_duplicate_images(result: JobResult, *, one_gpu: JobResult | None = None) -> None:
+    """No two outputs of a (split) job are the same image.
+
+    ``one_gpu``: the same job run as one shard; images the workflow itself makes alike (an
+    ``EmptyImage`` batch is N copies of one colour on one GPU too) are allowed where that run
+    has them alike at the same node and batch index, and nowhere else."""
+    alike_on_one: set[frozenset[tuple[str, int | None]]] = set()
+    if one_gpu is not None:
+        alike_on_one = {
+            frozenset((o.node_id, o.batch_index) for o in group)
+            for group in duplicate_images(one_gpu)
+        }
+    for group in duplicate_images(result):
+        where = frozenset((o.node_id, o.batch_index) for o in group)
+        alike_by_nature = len(where) == len(group) and any(where <= a for a in alike_on_one)
+        assert alike_by_nature, "the same image more than once: " + ", ".join(
+            f"{o.instance} node {o.node_id} #{o.batch_index}" for o in group
+        )

@@ -331,7 +331,12 @@ async def test_run_on_started_instances_prints_json(tmp_path: Path) -> None:
     assert result["seed"] == 7
     assert sorted(s["scaled"]["API - BATCH SIZE"] for s in result["shards"]) == [1, 2]
     names = sorted(Path(p).name for p in result["paths"])
-    assert names == ["cli_00001_.png"] * 2 + ["cli_00002_.png"] + ["inverted_00001_.png"] * 2
+    # The inverted picture does not depend on the split batch: the first shard makes it.
+    assert names == ["cli_00001_.png"] * 2 + ["cli_00002_.png"] + ["inverted_00001_.png"]
+    assert [o["batch_index"] for o in result["outputs"]] == [0, 1, 2, None]
+    assert [s["batch_offset"] for s in result["shards"]] == [0, 2]
+    assert result["split"] == "unseeded"  # model-free: nothing seeds the shards apart
+    assert result["reproducible"] is False
     assert all(Path(p).is_file() for p in result["paths"])
     assert all(str(install / "comfytrio") in p for p in result["paths"])
     assert "shard(s) done" in done.stderr.decode()  # the live table was drawn on stderr
@@ -370,11 +375,52 @@ async def test_run_on_urls_prints_downloaded_paths(
     )
     assert done.returncode == 0, done.stderr.decode()
     paths = done.stdout.decode().split()
-    assert len(paths) == 6  # 2 + 2 generated, 1 + 1 inverted
+    assert len(paths) == 5  # 2 + 2 generated, 1 inverted (by the first shard)
     assert all(Path(p).is_file() and str(tmp_path / "downloads") in p for p in paths)
     err = done.stderr.decode()
     assert "2 instance(s) ready" in err
     assert "2/2 shard(s) done" in err
+
+
+async def test_run_same_images_prints_each_outputs_batch_index(
+    fake_comfyui_factory: FakeFactory, tmp_path: Path
+) -> None:
+    servers = [await fake_comfyui_factory(), await fake_comfyui_factory()]
+    for server in servers:
+        server.add_model("checkpoints", "v1-5-pruned-emaonly.safetensors")
+    workflow = json.loads((WORKFLOWS / "sd15_seed_in_sampler.json").read_text())
+    workflow["5"]["inputs"].update(width=64, height=64)
+    path = tmp_path / "sd15.json"
+
+    async def run(sampler: str) -> subprocess.CompletedProcess[bytes]:
+        workflow["3"]["inputs"]["sampler_name"] = sampler
+        path.write_text(json.dumps(workflow))
+        return await run_cli(
+            "run",
+            str(path),
+            *(a for s in servers for a in ("--url", s.url)),
+            "--scale",
+            "API - BATCH SIZE=4",
+            "--same-images",
+            "--json",
+            "--download-dir",
+            str(tmp_path / "downloads"),
+        )
+
+    done = await run("euler")
+    assert done.returncode == 0, done.stderr.decode()
+    result = json.loads(done.stdout)
+    assert result["split"] == "same-images"
+    assert result["reproducible"] is True
+    assert [o["batch_index"] for o in result["outputs"]] == [0, 1, 2, 3]
+    assert [s["seeds"] for s in result["shards"]] == [{"KSampler": 156680208700286}] * 2
+
+    refused = await run("euler_ancestral")
+    assert refused.returncode == 2
+    error = json.loads(refused.stdout)["error"]
+    assert error["type"] == "NotReproducibleError"
+    assert "'KSampler'" in error["message"]
+    assert "'euler_ancestral'" in error["message"]
 
 
 async def test_unreachable_server_exits_1_with_the_error(tmp_path: Path) -> None:
@@ -444,10 +490,17 @@ async def test_partial_failure_prints_the_other_files_and_exits_1(
         "API - BATCH SIZE=2",
         "--download-dir",
         str(tmp_path),
+        "--json",
     )
     assert done.returncode == 1
-    paths = done.stdout.decode().split()
-    assert len(paths) == 2  # one generated + one inverted, from the good server
+    result = json.loads(done.stdout)
+    paths = result["paths"]
+    (failed,) = result["failures"]
+    # One generated image from the good server; the inverted picture (which the split batch
+    # does not feed) is made by shard 0 only, so it is there when the good server ran shard 0.
+    assert sorted(Path(p).name.split("_")[0] for p in paths) == (
+        ["demo"] if failed["index"] == 0 else ["demo", "inverted"]
+    )
     assert all(Path(p).is_file() for p in paths)
     err = done.stderr.decode()
     assert "error: shard" in err
@@ -521,9 +574,13 @@ async def test_interrupt_stops_every_started_process(
 async def test_demo_prints_paths_that_exist(tmp_path: Path) -> None:
     done = await run_cli("demo", "--dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr.decode()
-    paths = [line.strip() for line in done.stdout.decode().splitlines() if line.startswith("  ")]
-    assert len(paths) == 6
+    out = done.stdout.decode()
+    paths = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert len(paths) == 5  # 4 generated, 1 inverted
     assert all(Path(p).is_file() for p in paths)
+    assert "split: same-images" in out
+    generated = out.splitlines()[-5:-1]
+    assert all(line.endswith(f"(batch index {i})") for i, line in enumerate(generated))
 
 
 # ---------------------------------------------------------------------- doctor

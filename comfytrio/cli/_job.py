@@ -92,6 +92,8 @@ class Job:
     """LoRAs, downloaded when missing."""
     seed: int | None = None
     """The job seed (None: a random one)."""
+    same_images: bool = False
+    """Refuse a split that would not make the images of one GPU (``--same-images``)."""
 
 
 async def _execute(setup: Setup, job: Job, display: Display | None) -> JobResult:
@@ -121,6 +123,7 @@ async def _execute(setup: Setup, job: Job, display: Display | None) -> JobResult
                         models=job.models,
                         loras=job.loras,
                         seed=job.seed,
+                        same_images=job.same_images,
                     )
             finally:
                 nursery.cancel_scope.cancel()

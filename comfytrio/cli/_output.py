@@ -21,6 +21,7 @@ def output_json(o: OutputFile) -> dict[str, Any]:
         "filename": o.filename,
         "subfolder": o.subfolder,
         "type": o.type,
+        "batch_index": o.batch_index,
     }
 
 
@@ -30,9 +31,22 @@ def result_json(result: JobResult) -> dict[str, Any]:
         "ok": result.ok,
         "job_id": result.job_id,
         "seed": result.seed,
+        "split": result.split,
+        "reproducible": result.reproducible,
         "seconds": round(result.finished_at - result.started_at, 3),
         "paths": result.paths,
         "outputs": [output_json(o) for o in result.outputs],
+        "values": [
+            {
+                "shard": v.shard,
+                "instance": v.instance,
+                "prompt_id": v.prompt_id,
+                "node_id": v.node_id,
+                "key": v.key,
+                "values": list(v.values),
+            }
+            for v in result.values
+        ],
         "shards": [
             {
                 "index": s.index,
@@ -40,6 +54,7 @@ def result_json(result: JobResult) -> dict[str, Any]:
                 "prompt_id": s.prompt_id,
                 "scaled": s.scaled,
                 "seeds": s.seeds,
+                "batch_offset": s.batch_offset,
                 "seconds": round(s.finished_at - s.submitted_at, 3),
                 "ok": s.ok,
             }

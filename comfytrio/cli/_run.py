@@ -33,6 +33,7 @@ from ._common import (
     quiet_nvml,
     setup_logging,
 )
+from ._dry_run import dry_run
 from ._job import Job, Setup, make_display, run_job
 from ._output import error_json, report_error, result_json
 from ._params import build_params, load_param_file, load_workflow, parse_lora, parse_model
@@ -163,6 +164,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         None,
         "the job seed (reported in the result; give it again to repeat)",
     )
+    add_flag(
+        params,
+        "--same-images",
+        "the split must make the images of one GPU, index for index: refuse (before "
+        "anything runs) ancestral/SDE/LCM samplers, batches over 64, and splits of anything "
+        "but an EmptyLatentImage batch",
+    )
     assets = parser.add_argument_group("models and LoRAs")
     add_path(
         assets,
@@ -198,6 +206,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--download-dir",
         "DIR",
         "where outputs of remote (--url) servers are downloaded (default ./comfytrio-outputs)",
+    )
+    add_flag(
+        job,
+        "--dry-run",
+        "check the job on every server (node classes, inputs, values, model names, params) "
+        "and print the planned shards and every problem; send no prompt (exit 1 on a problem)",
     )
     add_output_arguments(parser)
 
@@ -282,12 +296,13 @@ def _job_from(args: argparse.Namespace) -> tuple[Job, Plugins]:
     plugins = make_plugin_manager()
     assignments = [("--param", p) for p in args.param] + [("--scale", s) for s in args.scale]
     params = build_params(workflow, assignments, plugins=plugins, file_params=file_params)
-    validate_params(plugins, workflow, params)
+    if not args.dry_run:  # a dry run reports every bad param, with the server's problems
+        validate_params(plugins, workflow, params)
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     models = [parse_model(m) for m in args.model]
     loras = [parse_lora(lo) for lo in args.lora]
-    return Job(workflow, params, models, loras, args.seed), plugins
+    return Job(workflow, params, models, loras, args.seed, args.same_images), plugins
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
     except ComfyAPIError as exc:  # GPUDetectionError, PluginError
         report_error(exc, as_json=args.json)
         return EXIT_FAILED
+    if args.dry_run:
+        return dry_run(setup, job, as_json=args.json)
     code, result = run_job(setup, job, display, as_json=args.json)
     if result is None:
         return code
@@ -322,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         seconds = result.finished_at - result.started_at
         err(
             f"job {result.job_id}: {len(result.paths)} file(s) in {seconds:.2f} s, "
-            f"seed {result.seed}"
+            f"seed {result.seed}, split {result.split}"
             + (
                 f", {len(result.failures)}/{len(result.shards)} shard(s) failed"
                 if result.failures
