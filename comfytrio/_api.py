@@ -49,8 +49,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024**3
 
 
 class WorkflowOptions(TypedDict, total=False):
-    """The keywords of ``ComfyAPI.execute_workflow`` (``run_workflow`` takes ``timeout``
-    too); each is optional."""
+    """The keywords of ``ComfyAPI.execute_workflow`` and ``check_workflow``
+    (``run_workflow`` takes ``timeout`` too); each is optional."""
 
     models: Sequence[ModelRef]
     """Model files that must exist before the workflow runs (checked when it is planned)."""
@@ -389,23 +389,17 @@ class ComfyAPI:
         return job_result(job_id, finished, seed=plan.seed, started_at=started_at, split=plan.split)
 
     async def check_workflow(
-        self,
-        workflow: Mapping[str, Any],
-        *,
-        models: Sequence[ModelRef] = (),
-        loras: Sequence[LoRARef] = (),
-        params: Mapping[str, Mapping[str, Any]] | None = None,
-        seed: int | None = None,
-        same_images: bool = False,
+        self, workflow: Mapping[str, Any], **options: Unpack[WorkflowOptions]
     ) -> CheckReport:
-        """A dry run of ``run_workflow`` (same keywords): plan the job on the instances ready
-        now and check each shard's workflow against every one's ``/object_info`` (node
-        classes, required inputs, links, types, ranges, lists such as model files) and
-        ``models`` against their ``/models`` lists. Returns a ``CheckReport``: the shards
-        with their params and seeds, and every problem (a bad param, an unknown title, a
-        wrong model name...), not just the first. Sends no prompt, uploads and downloads
-        nothing (an image param is not prepared: see ``CheckReport.notes``). Raises only
-        ``ValueError`` (a bad ``seed``) and, with no instance ready, ``ComfyAPIError``."""
+        """A dry run of ``run_workflow`` (its keywords but ``timeout``): plan the job on the
+        instances ready now and check each shard's workflow against every one's
+        ``/object_info`` (node classes, required inputs, links, types, ranges, lists such as
+        model files) and ``models`` against their ``/models`` lists. Returns a
+        ``CheckReport``: the shards with their params and seeds, and every problem (a bad
+        param, an unknown title, a wrong model name...), not just the first. Sends no
+        prompt, uploads and downloads nothing (an image param is not prepared: see
+        ``CheckReport.notes``). Raises only ``ValueError`` (a bad ``seed``) and, with no
+        instance ready, ``ComfyAPIError``."""
         if self._http is None or self._plugins is None:
             raise RuntimeError("use ComfyAPI inside `async with`")
         ready = self._ready_instances()
@@ -413,11 +407,11 @@ class ComfyAPI:
         return await check_job(
             self._plugins,
             workflow,
-            params=params or {},
-            models=models,
-            loras=loras,
-            seed=seed,
-            same_images=same_images,
+            params=options.get("params") or {},
+            models=options.get("models", ()),
+            loras=options.get("loras", ()),
+            seed=options.get("seed"),
+            same_images=options.get("same_images", False),
             instances=ready,
             models_path=self.models_path if local else None,
             http=self._http,

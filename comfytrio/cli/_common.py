@@ -30,6 +30,7 @@ __all__ = [
     "add_repeated",
     "err",
     "free_ports",
+    "logger",
     "quiet_nvml",
     "setup_logging",
 ]
@@ -42,6 +43,9 @@ EXIT_USAGE = 2
 """The command line, a param or the workflow file is wrong."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C (128 + SIGINT); SIGTERM and SIGHUP give 128 + their number."""
+
+logger = logging.getLogger("comfytrio.cli")
+"""The commands' own warnings (``comfytrio.cli``)."""
 
 
 class UsageError(Exception):

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .. import ComfyUIInstance, GPUInfo, make_plugin_manager
+from .. import ComfyUIInstance, GPUInfo, WorkflowOptions, make_plugin_manager
 from ._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -112,19 +112,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_job(batch: int, picture: bytes) -> Job:
-    return Job(
-        dict(DEMO_WORKFLOW),
-        {
-            "batch_size": {
-                "type": "integer",
-                "value": batch,
-                "gpu_scale": True,
-                "node_mappings": "API - BATCH SIZE",
-            },
-            "prompt": {"type": "string", "value": "demo", "node_mappings": "API - PROMPT"},
-            "picture": {"type": "image", "value": picture, "node_mappings": "API - PICTURE"},
+    params: dict[str, dict[str, Any]] = {
+        "batch_size": {
+            "type": "integer",
+            "value": batch,
+            "gpu_scale": True,
+            "node_mappings": "API - BATCH SIZE",
         },
-    )
+        "prompt": {"type": "string", "value": "demo", "node_mappings": "API - PROMPT"},
+        "picture": {"type": "image", "value": picture, "node_mappings": "API - PICTURE"},
+    }
+    return Job(dict(DEMO_WORKFLOW), WorkflowOptions(params=params))
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -8,20 +8,17 @@ is found; errors before the check (the command line, the workflow file) stay 2.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import trio
 
 from .. import CheckReport, ComfyAPIError, InstanceState, WorkflowProblem
 from .._errors import shown, unwrapped
-from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, logger
 from ._job import Job, Setup
-from ._output import report_error
+from ._output import picked, report_error
 
 __all__ = ["dry_run", "problem_json", "report_json", "report_lines"]
-
-logger = logging.getLogger("comfytrio.cli")
 
 
 def _json_value(value: Any) -> Any:
@@ -35,43 +32,36 @@ def _json_value(value: Any) -> Any:
 
 def problem_json(problem: WorkflowProblem) -> dict[str, Any]:
     """One problem as JSON."""
-    return {
-        "kind": problem.kind,
-        "message": problem.message,
-        "node_id": problem.node_id,
-        "title": problem.title,
-        "class_type": problem.class_type,
-        "input": problem.input_name,
-        "value": _json_value(problem.value),
-        "allowed": list(problem.allowed),
-        "param": problem.param,
-        "instances": list(problem.instances),
-        "shards": list(problem.shards),
-        "error": type(problem.error).__name__ if problem.error is not None else None,
-    }
+    return picked(
+        problem,
+        "kind message node_id title class_type input value allowed param instances shards error",
+        input=problem.input_name,
+        value=_json_value(problem.value),
+        allowed=list(problem.allowed),
+        instances=list(problem.instances),
+        shards=list(problem.shards),
+        error=type(problem.error).__name__ if problem.error is not None else None,
+    )
 
 
 def report_json(report: CheckReport) -> dict[str, Any]:
     """A dry run's report as the JSON ``comfytrio run --dry-run --json`` prints."""
-    return {
-        "ok": report.ok,
-        "dry_run": True,
-        "seed": report.seed,
-        "split": report.split,
-        "instances": list(report.instances),
-        "shards": [
-            {
-                "index": s.index,
-                "params": {name: _json_value(v) for name, v in s.params.items()},
-                "scaled": s.scaled,
-                "seeds": s.seeds,
-                "batch_offset": s.batch_offset,
-            }
+    return picked(
+        report,
+        "ok dry_run seed split instances shards problems notes",
+        dry_run=True,
+        instances=list(report.instances),
+        shards=[
+            picked(
+                s,
+                "index params scaled seeds batch_offset",
+                params={name: _json_value(v) for name, v in s.params.items()},
+            )
             for s in report.shards
         ],
-        "problems": [problem_json(p) for p in report.problems],
-        "notes": list(report.notes),
-    }
+        problems=[problem_json(p) for p in report.problems],
+        notes=list(report.notes),
+    )
 
 
 def _value(value: Any) -> str:
@@ -132,14 +122,7 @@ async def _check(setup: Setup, job: Job) -> CheckReport:
             for instance in api.instances:
                 if instance.state is not InstanceState.READY:
                     logger.warning("ComfyUI %s is not ready: not checked", instance.name)
-            return await api.check_workflow(
-                job.workflow,
-                params=job.params,
-                models=job.models,
-                loras=job.loras,
-                seed=job.seed,
-                same_images=job.same_images,
-            )
+            return await api.check_workflow(job.workflow, **job.options)
 
 
 def dry_run(setup: Setup, job: Job, *, as_json: bool) -> int:

@@ -24,10 +24,9 @@ from .. import (
     ComfyUIInstance,
     GPUInfo,
     JobResult,
-    LoRARef,
-    ModelRef,
     ParamError,
     Plugins,
+    WorkflowOptions,
 )
 from .._errors import single_error, unwrapped
 from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
@@ -80,20 +79,12 @@ class Setup:
 
 @dataclass(frozen=True)
 class Job:
-    """What ``run_workflow`` is called with."""
+    """What ``run_workflow`` (or ``check_workflow``, for ``--dry-run``) is called with."""
 
     workflow: dict[str, Any]
     """The workflow (API format)."""
-    params: dict[str, dict[str, Any]]
-    """The params, as ``ComfyAPI.run_workflow`` takes them."""
-    models: list[ModelRef] = field(default_factory=list)
-    """Models that must exist."""
-    loras: list[LoRARef] = field(default_factory=list)
-    """LoRAs, downloaded when missing."""
-    seed: int | None = None
-    """The job seed (None: a random one)."""
-    same_images: bool = False
-    """Refuse a split that would not make the images of one GPU (``--same-images``)."""
+    options: WorkflowOptions
+    """Its params, models, LoRAs, seed and ``same_images`` (``--same-images``)."""
 
 
 async def _execute(setup: Setup, job: Job, display: Display | None) -> JobResult:
@@ -117,14 +108,7 @@ async def _execute(setup: Setup, job: Job, display: Display | None) -> JobResult
                         # Every instance is ready now: show it before a quick job ends.
                         progress.update(api.statistics(), trio.current_time())
                         display.show(progress)
-                    return await api.run_workflow(
-                        job.workflow,
-                        params=job.params,
-                        models=job.models,
-                        loras=job.loras,
-                        seed=job.seed,
-                        same_images=job.same_images,
-                    )
+                    return await api.run_workflow(job.workflow, **job.options)
             finally:
                 nursery.cancel_scope.cancel()
 

@@ -8,73 +8,51 @@ from typing import Any
 from .. import ExecutionError, JobResult, OutputFile
 from ._common import err
 
-__all__ = ["error_json", "output_json", "report_error", "result_json"]
+__all__ = ["error_json", "output_json", "picked", "report_error", "result_json"]
+
+
+def picked(obj: Any, names: str, **shown: Any) -> dict[str, Any]:
+    """``obj``'s attributes ``names`` (space-separated), by name and in that order, as JSON
+    shows them; a name given in ``shown`` takes that value (a renamed, rounded or converted
+    field) instead of the attribute."""
+    return {name: shown[name] if name in shown else getattr(obj, name) for name in names.split()}
 
 
 def output_json(o: OutputFile) -> dict[str, Any]:
     """One output file as JSON."""
-    return {
-        "path": o.path,
-        "instance": o.instance,
-        "prompt_id": o.prompt_id,
-        "node_id": o.node_id,
-        "filename": o.filename,
-        "subfolder": o.subfolder,
-        "type": o.type,
-        "batch_index": o.batch_index,
-    }
+    return picked(o, "path instance prompt_id node_id filename subfolder type batch_index")
 
 
 def result_json(result: JobResult) -> dict[str, Any]:
     """A finished job as the JSON ``comfytrio run --json`` prints."""
-    return {
-        "ok": result.ok,
-        "job_id": result.job_id,
-        "seed": result.seed,
-        "split": result.split,
-        "reproducible": result.reproducible,
-        "seconds": round(result.finished_at - result.started_at, 3),
-        "paths": result.paths,
-        "outputs": [output_json(o) for o in result.outputs],
-        "values": [
-            {
-                "shard": v.shard,
-                "instance": v.instance,
-                "prompt_id": v.prompt_id,
-                "node_id": v.node_id,
-                "key": v.key,
-                "values": list(v.values),
-            }
+    return picked(
+        result,
+        "ok job_id seed split reproducible seconds paths outputs values shards failures",
+        seconds=round(result.finished_at - result.started_at, 3),
+        outputs=[output_json(o) for o in result.outputs],
+        values=[
+            picked(v, "shard instance prompt_id node_id key values", values=list(v.values))
             for v in result.values
         ],
-        "shards": [
-            {
-                "index": s.index,
-                "instance": s.instance,
-                "prompt_id": s.prompt_id,
-                "scaled": s.scaled,
-                "seeds": s.seeds,
-                "batch_offset": s.batch_offset,
-                "seconds": round(s.finished_at - s.submitted_at, 3),
-                "ok": s.ok,
-            }
+        shards=[
+            picked(
+                s,
+                "index instance prompt_id scaled seeds batch_offset seconds ok",
+                seconds=round(s.finished_at - s.submitted_at, 3),
+            )
             for s in result.shards
         ],
-        "failures": [
-            {
-                "index": f.index,
-                "instance": f.instance,
-                "prompt_id": f.prompt_id,
-                "error": type(f.error).__name__,
-                "message": str(f.error),
-                "node_id": f.node_id,
-                "node_type": f.node_type,
-                "exception_type": f.exception_type,
-                "outputs": [output_json(o) for o in f.outputs],
-            }
+        failures=[
+            picked(
+                f,
+                "index instance prompt_id error message node_id node_type exception_type outputs",
+                error=type(f.error).__name__,
+                message=str(f.error),
+                outputs=[output_json(o) for o in f.outputs],
+            )
             for f in result.failures
         ],
-    }
+    )
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .. import (
     GPUInfo,
     ParamError,
     Plugins,
+    WorkflowOptions,
     make_plugin_manager,
     validate_params,
 )
@@ -30,6 +30,7 @@ from ._common import (
     add_path,
     add_repeated,
     err,
+    logger,
     quiet_nvml,
     setup_logging,
 )
@@ -39,8 +40,6 @@ from ._output import error_json, report_error, result_json
 from ._params import build_params, load_param_file, load_workflow, parse_lora, parse_model
 
 __all__ = ["add_output_arguments", "add_run_arguments", "run"]
-
-logger = logging.getLogger("comfytrio.cli")
 
 
 def _add_instance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -302,7 +301,10 @@ def _job_from(args: argparse.Namespace) -> tuple[Job, Plugins]:
         raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     models = [parse_model(m) for m in args.model]
     loras = [parse_lora(lo) for lo in args.lora]
-    return Job(workflow, params, models, loras, args.seed, args.same_images), plugins
+    options = WorkflowOptions(
+        params=params, models=models, loras=loras, seed=args.seed, same_images=args.same_images
+    )
+    return Job(workflow, options), plugins
 
 
 def run(args: argparse.Namespace) -> int:
