@@ -227,7 +227,11 @@ async def test_frames_split_across_reads_are_put_together() -> None:
         assert await ws.receive_text() == "y" * 200
 
 
-async def test_frames_sent_with_the_handshake_answer_are_not_lost() -> None:
+@pytest.mark.parametrize("cut", [0, 1, 4])
+async def test_frames_sent_with_the_handshake_answer_are_not_lost(cut: int) -> None:
+    """Whole frames, and a frame cut anywhere (its rest comes later), after the 101."""
+    rest = frame(0x1, b"then this")
+
     async def handler(stream: trio.SocketStream) -> None:
         request = await read_request(stream)
         key = next(
@@ -238,8 +242,14 @@ async def test_frames_sent_with_the_handshake_answer_are_not_lost() -> None:
         accept_key = base64.b64encode(hashlib.sha1(key + GUID).digest())
         await stream.send_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key + b"\r\n\r\n" + frame(0x1, b"at once")
+            b"Sec-WebSocket-Accept: "
+            + accept_key
+            + b"\r\n\r\n"
+            + frame(0x1, b"at once")
+            + rest[:cut]
         )
+        await trio.sleep(0.05)
+        await stream.send_all(rest[cut:])
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
@@ -249,6 +259,7 @@ async def test_frames_sent_with_the_handshake_answer_are_not_lost() -> None:
             ws = await websocket_handshake(stream, "h", "/ws", max_message_size=1024)
             with trio.fail_after(5):
                 assert await ws.receive_text() == "at once"
+                assert await ws.receive_text() == "then this"
         nursery.cancel_scope.cancel()
 
 
