@@ -23,7 +23,7 @@ seeds written, strict-mode refusals); ``_samplers`` reads the graph. Pure: no I/
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -120,7 +120,7 @@ class SplitPlan:
 
 
 def plan_split(
-    workflow: Mapping[str, Any],
+    workflow: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     params: Sequence[Param],
     shares: Mapping[str, Sequence[int]],
     kept: Sequence[int],
@@ -129,19 +129,21 @@ def plan_split(
     job_seed: int,
     same_images: bool,
 ) -> SplitPlan:
-    """How to split the job: ``shares`` of each ``gpu_scale`` param by shard, the ``kept``
+    """How to split the job (``workflow``, or a function that reads it when it must be
+    read): ``shares`` of each ``gpu_scale`` param by shard, the ``kept``
     shard indexes, the names of the params that set seeds (``seed`` type).
 
     ``same_images`` (strict mode): raise ``NotReproducibleError`` naming the param, node and
     sampler, for whatever would not make the one-GPU images; a single shard then reads its
     batch through ``LatentFromBatch(0, N)`` too."""
-    graph = WorkflowGraph(workflow)
     offsets = _offsets(params, shares, kept)
+    if len(kept) <= 1 and not same_images:  # the one-GPU run itself, no graph to read
+        return SplitPlan("single", frozenset(), {}, offsets, shared_seeds=False)
+    graph = WorkflowGraph(workflow() if callable(workflow) else workflow)
     args = (graph, params, shares, kept, seed_params, job_seed, offsets)
-    if len(kept) <= 1:  # the one-GPU run itself: strict mode cuts it as it would a split
-        if same_images:
-            with contextlib.suppress(NotReproducibleError):
-                return _latent_split(*args, strict=True)
+    if len(kept) <= 1:  # strict mode cuts the one-GPU run as it would a split
+        with contextlib.suppress(NotReproducibleError):
+            return _latent_split(*args, strict=True)
         return SplitPlan("single", frozenset(), {}, offsets, shared_seeds=False)
     return _latent_split(*args, strict=same_images)
 

@@ -17,7 +17,7 @@ from ._concurrency import run_concurrently
 from ._errors import ComfyUITimeoutError, ServerProtocolError, UnsafeNameError
 from ._files import atomic_file, output_path
 from ._instance import Instance
-from ._results import StreamedImage
+from ._results import OutputRef, StreamedImage
 from ._types import OutputFile
 
 __all__ = ["OutputCollector"]
@@ -42,19 +42,6 @@ class OutputCollector:
         """``result``'s outputs as files, in ``timeout`` seconds (the shard's): a server that
         sends its files too slowly fails the shard with ``ComfyUITimeoutError`` (no partial
         file is left). A name that would leave its folder is a ``ServerProtocolError``."""
-        with trio.move_on_after(timeout):
-            return await self._collect(result, instance, job_id)
-        raise ComfyUITimeoutError(
-            f"ComfyUI {instance.name}: the outputs of prompt {result.prompt_id} were not "
-            f"downloaded in {timeout:g} s (the shard's timeout)",
-            instance=instance.name,
-            prompt_id=result.prompt_id,
-            timeout=timeout,
-        )
-
-    async def _collect(
-        self, result: PromptResult, instance: Instance, job_id: str
-    ) -> list[OutputFile]:
         folder = self.download_dir / job_id / re.sub(r"[^A-Za-z0-9_.-]", "_", instance.name)
         files = result.files  # walked once: each access reads the outputs again
         try:
@@ -70,6 +57,29 @@ class OutputCollector:
                 f"an output name {exc.name!r} would leave its folder",
                 prompt_id=result.prompt_id,
             ) from exc
+        if not dests and not result.images:  # all read in place: nothing to wait for
+            return _found(result, instance, files, paths)
+        with trio.move_on_after(timeout):
+            return await self._collect(result, instance, folder, files, paths, dests)
+        raise ComfyUITimeoutError(
+            f"ComfyUI {instance.name}: the outputs of prompt {result.prompt_id} were not "
+            f"downloaded in {timeout:g} s (the shard's timeout)",
+            instance=instance.name,
+            prompt_id=result.prompt_id,
+            timeout=timeout,
+        )
+
+    async def _collect(
+        self,
+        result: PromptResult,
+        instance: Instance,
+        folder: Path,
+        files: list[OutputRef],
+        paths: list[Path | None],
+        dests: dict[int, Path],
+    ) -> list[OutputFile]:
+        """Download the files not read in place (``dests``: where each goes, by index in
+        ``files``) and write the streamed images into ``folder``."""
         missing = list(dests)
         if missing:
             client = instance.client
@@ -91,14 +101,21 @@ class OutputCollector:
                 await fetching(missing[0])()
             else:
                 await run_concurrently(fetching(i) for i in missing)
-        name, prompt = instance.name, result.prompt_id
-        found = [
-            OutputFile(str(path), name, prompt, ref.node_id, ref.filename, ref.subfolder, ref.type)
-            for ref, path in zip(files, paths, strict=True)
-        ]
+        found = _found(result, instance, files, paths)
         for image in result.images:
-            found.append(await _write_streamed(image, folder, name, prompt))
+            found.append(await _write_streamed(image, folder, instance.name, result.prompt_id))
         return found
+
+
+def _found(
+    result: PromptResult, instance: Instance, files: list[OutputRef], paths: list[Path | None]
+) -> list[OutputFile]:
+    """The ``OutputFile`` of each of ``files``, at ``paths`` (each is known by now)."""
+    name, prompt = instance.name, result.prompt_id
+    return [
+        OutputFile(str(path), name, prompt, ref.node_id, ref.filename, ref.subfolder, ref.type)
+        for ref, path in zip(files, paths, strict=True)
+    ]
 
 
 async def _write_streamed(

@@ -88,6 +88,11 @@ each call)."""
 @_guarded
 def loads(text: str | bytes, what: str) -> Any:
     """Strict JSON (no ``NaN``/``Infinity``); ``Malformed`` naming ``what`` otherwise."""
+    return _loads(text, what)
+
+
+def _loads(text: str | bytes, what: str) -> Any:
+    """``loads`` without its guard, for checks that are guarded themselves."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
@@ -108,7 +113,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 @_guarded
 def message(text: str) -> tuple[str, dict[str, Any]]:
     """A websocket text message: its ``type`` and ``data`` (an object, ``{}`` when absent)."""
-    msg = _object(loads(text, "a websocket message"), "a websocket message")
+    msg = _object(_loads(text, "a websocket message"), "a websocket message")
     kind = msg.get("type")
     if not isinstance(kind, str):
         raise Malformed(f"a websocket message has no string 'type': {text[:80]!r}")
@@ -129,6 +134,11 @@ def number(value: Any, what: str) -> float:
 @_guarded
 def node_id(value: Any, what: str = "node") -> str:
     """A node id: a string, or an integer some custom nodes send."""
+    return _node_id(value, what)
+
+
+def _node_id(value: Any, what: str = "node") -> str:
+    """``node_id`` without its guard, for checks that are guarded themselves."""
     if isinstance(value, str) and value and "\x00" not in value:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -145,10 +155,14 @@ def activities(data: Mapping[str, Any]) -> list[tuple[str, str | None]]:
         return []
     found: list[tuple[str, str | None]] = []
     for key, entry in _object(nodes, "progress_state.nodes").items():
-        activity = _object(entry, f"the progress_state of node {key!r:.40}").get("activity")
+        if not isinstance(entry, dict):  # the message is made only when it is needed
+            _object(entry, f"the progress_state of node {key!r:.40}")
+        activity = entry.get("activity")
         if activity is not None and not isinstance(activity, str):
             raise Malformed(f"the activity of node {key!r:.40} is {activity!r:.40}")
-        found.append((node_id(key, "a progress_state node"), activity))
+        if not (isinstance(key, str) and key and "\x00" not in key):  # JSON keys are strings
+            key = _node_id(key, "a progress_state node")
+        found.append((key, activity))
     return found
 
 
@@ -170,7 +184,7 @@ def cached_nodes(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list):
         raise Malformed(f"the cached nodes are {value!r}, not a list")
-    return tuple(node_id(n, "a cached node") for n in value)
+    return tuple(_node_id(n, "a cached node") for n in value)
 
 
 @_guarded
@@ -224,7 +238,7 @@ def outputs(value: Any) -> dict[str, dict[str, Any]]:
     if value is None:
         return {}
     found = _object(value, "the outputs")
-    return {node_id(k): output(v, str(k)) for k, v in found.items()}
+    return {_node_id(k): output(v, str(k)) for k, v in found.items()}
 
 
 @attrs.frozen

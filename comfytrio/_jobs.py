@@ -72,18 +72,20 @@ async def run_shard(
     (``ExecutionError.outputs``)."""
     work = task.payload
     output_classes = await instance.output_node_classes()
-    assert instance.client is not None
-    instance.client.output_node_classes = output_classes | STREAMING_OUTPUT_CLASSES
-    instance.client.max_image_bytes = collector.max_bytes
+    client = instance.client
+    assert client is not None
+    streamed = output_classes | STREAMING_OUTPUT_CLASSES
+    if client.output_node_classes != streamed:  # set once per client, not per shard
+        client.output_node_classes = streamed
+    if client.max_image_bytes != collector.max_bytes:
+        client.max_image_bytes = collector.max_bytes
     try:
         prompt = work.plan.build()
         for node in prompt.values():
             if isinstance(node, dict) and node.get("class_type") in output_classes:
                 node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
         try:
-            result = await instance.client.run(
-                prompt, prompt_id=task.prompt_id, timeout=work.timeout
-            )
+            result = await client.run(prompt, prompt_id=task.prompt_id, timeout=work.timeout)
         except ExecutionError as exc:
             if exc.node_outputs:  # what it wrote before it failed is kept
                 exc.outputs = tuple(await _written_before(exc, instance, task, collector))

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypedDict, Unpack
 
 import attrs
@@ -117,7 +118,7 @@ class ShardPlan:
         workflow: dict[str, Any] = json.loads(template.workflow_json)
         for param, value in zip(template.params, self._values, strict=True):
             param_type = template.types[param.type]
-            who = f"param type {param_type.name!r} (param {param.name!r})"
+            who = partial(_injector, param_type, param)  # formatted only on a failure
             for node_id in param.node_ids:
                 node, input_name = workflow[node_id], param.inputs.get(node_id)
                 with _plugin_contract(who, "inject"):
@@ -410,7 +411,7 @@ async def plan_validated(
     template = _Template(workflow_json, tuple(checked), types, tuple(resolvers), job)
     seed_params = frozenset(p.name for p in checked if types[p.type].reports_seed)
     split = plan_split(
-        json.loads(workflow_json),
+        partial(json.loads, workflow_json),  # read only when the job is split
         checked,
         shares,
         kept,
@@ -456,17 +457,37 @@ async def plan_validated(
     return JobPlan(shards=shards, seed=job_seed, split=split.kind)
 
 
-@contextlib.contextmanager
-def _plugin_contract(who: str, doing: str) -> Iterator[None]:
+class _plugin_contract:
     """Turn an unexpected exception of a plugin into a ``PluginError`` saying who failed
     ``doing`` what: a plugin's bug must not look like a crash of the api (and a shard is
-    built when a server takes it, where anything else would stop the scheduler)."""
-    try:
-        yield
-    except ComfyAPIError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"{who} failed to {doing}: {exc!r}") from exc
+    built when a server takes it, where anything else would stop the scheduler).
+
+    ``who`` may be a function that says it, called only on a failure. A class, not a
+    ``contextlib`` generator: it is entered for every injection of every shard."""
+
+    __slots__ = ("_doing", "_who")
+
+    def __init__(self, who: str | Callable[[], str], doing: str) -> None:
+        self._who = who
+        self._doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, Exception) or isinstance(exc, ComfyAPIError):
+            return  # none, one of ours, or a cancellation: it goes on as it is
+        who = self._who if isinstance(self._who, str) else self._who()
+        raise PluginError(f"{who} failed to {self._doing}: {exc!r}") from exc
+
+
+def _injector(param_type: ParamType, param: Param) -> str:
+    return f"param type {param_type.name!r} (param {param.name!r})"
 
 
 def _split(param_type: ParamType, param: Param, prepared: Any, count: int) -> list[int]:
