@@ -32,6 +32,7 @@ from ._results import StreamedImage
 __all__ = [
     "FEATURE_FLAGS",
     "STREAMING_OUTPUT_CLASSES",
+    "FrameSender",
     "ImageFrame",
     "Streams",
     "TextFrame",
@@ -68,6 +69,18 @@ class Unknown(Exception):
 
 
 @attrs.frozen
+class FrameSender:
+    """Who sent an image, as the metadata of a type 4 frame says."""
+
+    node_id: str | None
+    """The node that sent it."""
+    prompt_id: str | None
+    """Its prompt."""
+    display_node_id: str | None = None
+    """The node as the UI shows it (for nodes inside subgraphs)."""
+
+
+@attrs.frozen
 class ImageFrame:
     """An image frame: a SaveImageWebsocket output or a latent preview."""
 
@@ -75,12 +88,18 @@ class ImageFrame:
     """``image/png`` or ``image/jpeg``."""
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
     """The encoded image."""
-    node_id: str | None = None
-    """The node that sent it (type 4); None for a type 1 frame."""
-    prompt_id: str | None = None
-    """Its prompt (type 4); None for a type 1 frame."""
-    display_node_id: str | None = None
-    """The node as the UI shows it (type 4, for nodes inside subgraphs)."""
+    sender: FrameSender | None = None
+    """From a type 4 frame's metadata; None for a type 1 frame (the running node sent it)."""
+
+    @property
+    def node_id(self) -> str | None:
+        """The node that sent it, when the frame says (type 4)."""
+        return None if self.sender is None else self.sender.node_id
+
+    @property
+    def prompt_id(self) -> str | None:
+        """Its prompt, when the frame says (type 4)."""
+        return None if self.sender is None else self.sender.prompt_id
 
 
 @attrs.frozen
@@ -140,10 +159,10 @@ def decode(data: bytes) -> ImageFrame | TextFrame:
         return ImageFrame(
             str(image_type),
             _image(data[8 + size :], "a PREVIEW_IMAGE_WITH_METADATA frame"),
-            node_id=firewall.node_id(header.get("node_id"), "an image frame's node_id"),
-            prompt_id=prompt_id,
-            display_node_id=_optional_id(
-                header.get("display_node_id"), "an image frame's display_node_id"
+            FrameSender(
+                firewall.node_id(header.get("node_id"), "an image frame's node_id"),
+                prompt_id,
+                _optional_id(header.get("display_node_id"), "an image frame's display_node_id"),
             ),
         )
     if event == TEXT:
@@ -196,8 +215,9 @@ class Streams:
     def node_class(self, frame: ImageFrame, node: str) -> str | None:
         """The class of the node that sent ``frame`` (``node``: its id, or the running one)."""
         found = self.classes.get(node)
-        if found is None and frame.display_node_id is not None:
-            found = self.classes.get(frame.display_node_id)
+        shown = None if frame.sender is None else frame.sender.display_node_id
+        if found is None and shown is not None:
+            found = self.classes.get(shown)
         return found
 
     def progress(self, node: str, top: int) -> None:

@@ -27,7 +27,7 @@ from comfytrio import (
     open_comfy_client,
 )
 from comfytrio._firewall import Malformed
-from comfytrio._frames import ImageFrame, Streams, TextFrame, Unknown, decode
+from comfytrio._frames import FrameSender, ImageFrame, Streams, TextFrame, Unknown, decode
 from comfytrio._prompts import Prompts
 from comfytrio.testing import COMFYUI_VERSIONS, FakeComfyUI, decode_frame
 
@@ -230,7 +230,7 @@ def test_decode_reads_every_frame_comfyui_sends_and_refuses_the_rest() -> None:
     header = b'{"node_id": "5", "prompt_id": "p", "display_node_id": "5", '
     header += b'"parent_node_id": null, "real_node_id": "5", "image_type": "image/png"}'
     typed = decode(struct.pack(">II", 4, len(header)) + header + b"PNG")
-    assert typed == ImageFrame("image/png", b"PNG", "5", "p", "5")
+    assert typed == ImageFrame("image/png", b"PNG", FrameSender("5", "p", "5"))
     assert decode(struct.pack(">II", 1, 1) + b"JPG") == ImageFrame("image/jpeg", b"JPG")
     assert decode(struct.pack(">II", 3, 2) + b"12hi") == TextFrame("12", "hi")
     with pytest.raises(Unknown):
@@ -258,7 +258,7 @@ def test_a_frame_without_metadata_is_the_running_node_s() -> None:
     assert prompts.owner(TextFrame("3", "hi")) == (mine, "3")
     prompts.message("executing", {"node": None, "prompt_id": "p1"}, 2.0)
     assert prompts.owner(ImageFrame("image/png", b"x")) is None
-    other = ImageFrame("image/png", b"x", "7", "someone-else's")
+    other = ImageFrame("image/png", b"x", FrameSender("7", "someone-else's"))
     assert prompts.owner(other) is None
 
 
