@@ -8,7 +8,8 @@ import os
 import signal
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,8 +20,8 @@ import trio
 import trio_websocket
 import trustme
 
-from comfytrio import JobResult, OutputFile
-from comfytrio.testing import FakeComfyUI
+from comfytrio import ComfyAPI, GPUInfo, JobResult, OutputFile
+from comfytrio.testing import FakeComfyUI, fast_fault_policy
 
 pytest_plugins = ["pytester"]
 
@@ -37,6 +38,65 @@ def load_recording(name: str) -> Any:
 def load_workflow(name: str) -> dict[str, Any]:
     """An API-format workflow from ``tests/workflows/``."""
     workflow: dict[str, Any] = json.loads((WORKFLOWS / name).read_text())
+    return workflow
+
+
+def empty_to_save(batch: int = 1, prefix: str = "t", color: int = 0) -> dict[str, Any]:
+    """The smallest workflow with files: an ``EmptyImage`` batch of 16x16 pictures of one
+    ``color``, saved by ``SaveImage`` under ``prefix`` (no model needed)."""
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": color},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def sampler_workflow(
+    *,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 3,
+    seed: int = 1,
+    image_output: str | None = "PreviewImage",
+) -> dict[str, Any]:
+    """Text to image, as ComfyUI's default workflow: checkpoint ``m.safetensors`` ("1", which
+    the test adds to its fake), prompt "2", empty latent "3" of ``width`` x ``height``,
+    ``KSampler`` "4" (``steps`` steps of euler from ``seed``), then ``VAEDecode`` "5" and
+    the ``image_output`` node "6" that takes its image (``PreviewImage``,
+    ``SaveImageWebsocket``...). ``image_output=None``: nodes "1" to "4" only, for a test
+    that adds its own node after the sampler (its latent is ``["4", 0]``). A new dict each
+    call, for the test to change."""
+    workflow: dict[str, Any] = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": width, "height": height, "batch_size": 1},
+        },
+        "4": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["2", 0],
+                "latent_image": ["3", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+    }
+    if image_output is not None:
+        workflow["5"] = {
+            "class_type": "VAEDecode",
+            "inputs": {"samples": ["4", 0], "vae": ["1", 2]},
+        }
+        workflow["6"] = {"class_type": image_output, "inputs": {"images": ["5", 0]}}
     return workflow
 
 
@@ -369,6 +429,21 @@ def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     return server, trusting
+
+
+@asynccontextmanager
+async def api_on_fakes(servers: Sequence[FakeComfyUI], tmp_path: Path) -> AsyncIterator[ComfyAPI]:
+    """A ``ComfyAPI`` over these fake servers, every one of them required, no GPU of its own,
+    downloads under ``tmp_path/downloads-<number of servers>`` and quick fault handling."""
+    async with ComfyAPI(
+        [s.url for s in servers],
+        gpu=GPUInfo(False, 0),
+        download_dir=tmp_path / f"downloads-{len(servers)}",
+        faults=fast_fault_policy(),
+        ready_timeout=10.0,
+        min_instances=len(servers),
+    ) as api:
+        yield api
 
 
 def image_pixels(path: str | Path) -> bytes:

@@ -9,10 +9,10 @@ import json
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from conftest import empty_to_save
 
 import comfytrio._files
 from comfytrio import (
@@ -33,16 +33,6 @@ from comfytrio._http import HttpClient
 from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
 
 WORKFLOWS = Path(__file__).parent / "workflows"
-
-
-def empty_to_save(batch: int = 1, prefix: str = "t", color: int = 0) -> dict[str, Any]:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
 
 
 async def wait_queue_empty(client: ComfyClient) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import until
+from conftest import empty_to_save, sampler_workflow, until
 
 from comfytrio import (
     ComfyClient,
@@ -28,16 +28,6 @@ from comfytrio.testing import COMFYUI_VERSIONS, FakeComfyUI
 
 Factory = Callable[..., Awaitable[FakeComfyUI]]
 LATER = "0.38.1"
-
-
-def empty_to_save(batch: int = 1, prefix: str = "t", color: int = 0) -> dict[str, Any]:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 16, "height": 16, "batch_size": batch, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
 
 
 def record(fake: FakeComfyUI, route: str, method: str = "POST") -> list[Any]:
@@ -178,31 +168,7 @@ async def test_cancel_through_the_jobs_api_stops_the_prompt(later_fake: FakeComf
 
 async def test_a_later_server_s_activity_becomes_events(later_fake: FakeComfyUI) -> None:
     later_fake.add_model("checkpoints", "m.safetensors")
-    workflow = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a"}},
-        "3": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": 16, "height": 16, "batch_size": 1},
-        },
-        "4": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["2", 0],
-                "latent_image": ["3", 0],
-                "seed": 1,
-                "steps": 2,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
-        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
-    }
+    workflow = sampler_workflow(width=16, height=16, steps=2)
     seen: list[ComfyEvent] = []
     async with open_comfy_client(later_fake.url) as client, client.subscribe() as events:
         result = await client.run(workflow)

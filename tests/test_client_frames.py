@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import sampler_workflow
 from PIL import Image
 
 from comfytrio import (
@@ -48,30 +49,6 @@ def to_websocket(batch: int = 3, *, slow: bool = False) -> dict[str, Any]:
         workflow["3"] = {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}
         workflow["2"]["inputs"]["images"] = ["3", 0]
     return workflow
-
-
-SAMPLER: dict[str, Any] = {
-    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
-    "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-    "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    "4": {
-        "class_type": "KSampler",
-        "inputs": {
-            "model": ["1", 0],
-            "positive": ["2", 0],
-            "negative": ["2", 0],
-            "latent_image": ["3", 0],
-            "seed": 1,
-            "steps": 3,
-            "cfg": 7.0,
-            "sampler_name": "euler",
-            "scheduler": "normal",
-            "denoise": 1.0,
-        },
-    },
-    "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
-    "6": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["5", 0]}},
-}
 
 
 def png_of(data: bytes) -> tuple[str | None, tuple[int, int]]:
@@ -145,7 +122,8 @@ async def test_latent_previews_are_events_never_outputs(
 ) -> None:
     fake.add_model("checkpoints", "m.safetensors")
     fake.previews = True
-    result, events = await events_of(client, client.run(SAMPLER))
+    workflow = sampler_workflow(image_output="SaveImageWebsocket")
+    result, events = await events_of(client, client.run(workflow))
     previews = [e for e in events if isinstance(e, NodePreview)]
     assert [(p.prompt_id, p.node_id, p.image_type) for p in previews] == [
         (result.prompt_id, "4", "image/jpeg")

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import trio_websocket
-from conftest import Child, Comfy, free_port, load_recording
+from conftest import Child, Comfy, free_port, load_recording, sampler_workflow
 from PIL import Image
 
 from comfytrio.cli import main
@@ -254,29 +254,6 @@ async def test_fake_server_takes_a_comfyui_version(
 
 # -- latent previews ---------------------------------------------------------------------------
 
-SAMPLER_PROMPT: dict[str, Any] = {
-    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
-    "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-    "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 96, "batch_size": 1}},
-    "4": {
-        "class_type": "KSampler",
-        "inputs": {
-            "model": ["1", 0],
-            "positive": ["2", 0],
-            "negative": ["2", 0],
-            "latent_image": ["3", 0],
-            "seed": 1,
-            "steps": 3,
-            "cfg": 7.0,
-            "sampler_name": "euler",
-            "scheduler": "normal",
-            "denoise": 1.0,
-        },
-    },
-    "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
-    "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
-}
-
 
 async def sampler_run(comfy: Comfy, *, flags: bool, seed: int) -> tuple[str, list[Any]]:
     comfy.fake.add_model("checkpoints", "m.safetensors")
@@ -284,8 +261,7 @@ async def sampler_run(comfy: Comfy, *, flags: bool, seed: int) -> tuple[str, lis
     if flags:
         await listener.send({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
         await listener.wait_for(lambda m: isinstance(m, dict) and m["type"] == "feature_flags")
-    prompt = json.loads(json.dumps(SAMPLER_PROMPT))
-    prompt["4"]["inputs"]["seed"] = seed
+    prompt = sampler_workflow(height=96, seed=seed)
     prompt_id, messages, _ = await comfy.run(prompt, listener, client_id=f"previews-{flags}")
     return prompt_id, messages
 
@@ -395,7 +371,7 @@ async def test_an_install_takes_preview_method_and_a_version(
         ws_url = url.replace("http://", "ws://") + "/ws?clientId=install"
         async with trio_websocket.open_websocket_url(ws_url) as ws:
             answer = await http.post(
-                "/prompt", json={"prompt": SAMPLER_PROMPT, "client_id": "install"}
+                "/prompt", json={"prompt": sampler_workflow(height=96), "client_id": "install"}
             )
             prompt_id = answer.json()["prompt_id"]
             frames: list[bytes] = []

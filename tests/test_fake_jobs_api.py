@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Comfy, until
+from conftest import Comfy, sampler_workflow, until
 
 from comfytrio.testing import COMFYUI_VERSIONS, FakeComfyUI
 
@@ -280,27 +280,7 @@ async def test_progress_state_reports_activity_only_on_the_later_profile(
     comfy: Comfy, later: Comfy
 ) -> None:
     prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a"}},
-        "3": {
-            "class_type": "EmptyLatentImage",
-            "inputs": {"width": 16, "height": 16, "batch_size": 1},
-        },
-        "4": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["2", 0],
-                "latent_image": ["3", 0],
-                "seed": 1,
-                "steps": 2,
-                "cfg": 7.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
+        **sampler_workflow(width=16, height=16, steps=2, image_output=None),
         "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
     }
     seen: dict[str, list[Any]] = {}

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WORKFLOWS, assert_no_duplicate_images, load_workflow, png_bytes
+from conftest import WORKFLOWS, api_on_fakes, assert_no_duplicate_images, load_workflow, png_bytes
 
-from comfytrio import ComfyAPI, GPUInfo, JobResult, NotReproducibleError
+from comfytrio import JobResult, NotReproducibleError
 from comfytrio.cli._demo import DEMO_CHECKPOINT, DEMO_WORKFLOW
-from comfytrio.testing import FakeComfyUI, fast_fault_policy
+from comfytrio.testing import FakeComfyUI
 
 Factory = Callable[..., Awaitable[FakeComfyUI]]
 
@@ -64,14 +64,7 @@ def job(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 async def run(servers: list[FakeComfyUI], tmp_path: Path, name: str) -> JobResult:
     workflow, params = job(name)
-    async with ComfyAPI(
-        [s.url for s in servers],
-        gpu=GPUInfo(False, 0),
-        download_dir=tmp_path / f"downloads-{len(servers)}",
-        faults=fast_fault_policy(),
-        ready_timeout=10.0,
-        min_instances=len(servers),
-    ) as api:
+    async with api_on_fakes(servers, tmp_path) as api:
         return await api.run_workflow(workflow, params=params, seed=11)
 
 

@@ -11,18 +11,17 @@ by the same rule, so these tests compare pixels, index for index, over real sock
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_no_duplicate_images, image_pixels, load_workflow
+from conftest import api_on_fakes, assert_no_duplicate_images, image_pixels, load_workflow
 
-from comfytrio import ComfyAPI, GPUInfo, JobResult, NotReproducibleError
+from comfytrio import JobResult, NotReproducibleError
 from comfytrio._samplers import DETERMINISTIC_SAMPLERS, STOCHASTIC_SAMPLERS
-from comfytrio.testing import FakeComfyUI, fast_fault_policy
+from comfytrio.testing import FakeComfyUI
 from comfytrio.testing._nodes_models import draws_noise_while_sampling
 
 Factory = Callable[..., Awaitable[FakeComfyUI]]
@@ -57,19 +56,6 @@ async def fakes(factory: Factory, count: int) -> list[FakeComfyUI]:
     return servers
 
 
-@asynccontextmanager
-async def api_on(servers: Sequence[FakeComfyUI], tmp_path: Path) -> AsyncIterator[ComfyAPI]:
-    async with ComfyAPI(
-        [s.url for s in servers],
-        gpu=GPUInfo(False, 0),
-        download_dir=tmp_path / f"downloads-{len(servers)}",
-        faults=fast_fault_policy(),
-        ready_timeout=10.0,
-        min_instances=len(servers),
-    ) as api:
-        yield api
-
-
 def pixels(result: JobResult) -> list[bytes]:
     """Each output image's pixels, in batch order."""
     assert [o.batch_index for o in result.outputs] == list(range(len(result.outputs)))
@@ -80,9 +66,9 @@ async def test_batch_of_8_split_3_3_2_is_the_batch_of_8_on_one_server(
     fake_comfyui_factory: Factory, tmp_path: Path
 ) -> None:
     servers = await fakes(fake_comfyui_factory, 3)
-    async with api_on(servers[:1], tmp_path) as one:
+    async with api_on_fakes(servers[:1], tmp_path) as one:
         alone = await one.run_workflow(txt2img(), params=batch(8))
-    async with api_on(servers, tmp_path) as three:
+    async with api_on_fakes(servers, tmp_path) as three:
         split = await three.run_workflow(txt2img(), params=batch(8))
         again = await three.run_workflow(txt2img(), params=batch(8))
 
@@ -113,9 +99,9 @@ async def test_seed_in_the_sampler_split_over_two_makes_four_different_images(
 ) -> None:
     # Issue 19: this split used to send batch 2 with the same seed to both servers.
     servers = await fakes(fake_comfyui_factory, 2)
-    async with api_on(servers, tmp_path) as two:
+    async with api_on_fakes(servers, tmp_path) as two:
         split = await two.run_workflow(txt2img(), params=batch(4))
-    async with api_on(servers[:1], tmp_path) as one:
+    async with api_on_fakes(servers[:1], tmp_path) as one:
         alone = await one.run_workflow(txt2img(), params=batch(4))
 
     assert len(set(pixels(split))) == 4
@@ -127,7 +113,7 @@ async def test_strict_mode_refuses_an_ancestral_sampler_naming_node_and_sampler(
     fake_comfyui_factory: Factory, tmp_path: Path
 ) -> None:
     servers = await fakes(fake_comfyui_factory, 2)
-    async with api_on(servers, tmp_path) as api:
+    async with api_on_fakes(servers, tmp_path) as api:
         with pytest.raises(NotReproducibleError) as caught:
             await api.run_workflow(
                 txt2img(sampler="euler_ancestral"), params=batch(4), same_images=True
@@ -149,9 +135,9 @@ async def test_an_ancestral_sampler_still_makes_distinct_images_by_default(
 ) -> None:
     servers = await fakes(fake_comfyui_factory, 2)
     workflow = txt2img(sampler="euler_ancestral")
-    async with api_on(servers, tmp_path) as two:
+    async with api_on_fakes(servers, tmp_path) as two:
         split = await two.run_workflow(workflow, params=batch(4))
-    async with api_on(servers[:1], tmp_path) as one:
+    async with api_on_fakes(servers[:1], tmp_path) as one:
         alone = await one.run_workflow(workflow, params=batch(4))
 
     assert split.split == "distinct"
@@ -166,7 +152,7 @@ async def test_a_batch_of_65_falls_back_to_a_seed_per_shard(
     fake_comfyui_factory: Factory, tmp_path: Path
 ) -> None:
     servers = await fakes(fake_comfyui_factory, 2)
-    async with api_on(servers, tmp_path) as api:
+    async with api_on_fakes(servers, tmp_path) as api:
         result = await api.run_workflow(txt2img(size=16), params=batch(65))
         with pytest.raises(NotReproducibleError, match="65 is over 64"):
             await api.run_workflow(txt2img(size=16), params=batch(65), same_images=True)
@@ -189,10 +175,10 @@ async def test_strict_mode_makes_odd_latent_sizes_match_too(
     # one-server batch with LatentFromBatch(0, N) too: both draw sample by sample.
     servers = await fakes(fake_comfyui_factory, 2)
     workflow = txt2img(size=72)
-    async with api_on(servers, tmp_path) as two:
+    async with api_on_fakes(servers, tmp_path) as two:
         loose = await two.run_workflow(workflow, params=batch(4))
         strict = await two.run_workflow(workflow, params=batch(4), same_images=True)
-    async with api_on(servers[:1], tmp_path) as one:
+    async with api_on_fakes(servers[:1], tmp_path) as one:
         plain = await one.run_workflow(workflow, params=batch(4))
         strict_alone = await one.run_workflow(workflow, params=batch(4), same_images=True)
 
@@ -209,7 +195,7 @@ async def test_strict_mode_refuses_a_split_that_is_no_latent_batch(
 ) -> None:
     servers = await fakes(fake_comfyui_factory, 2)
     workflow = load_workflow("model_free.json")
-    async with api_on(servers, tmp_path) as api:
+    async with api_on_fakes(servers, tmp_path) as api:
         with pytest.raises(NotReproducibleError, match="EmptyImage") as caught:
             await api.run_workflow(workflow, params=batch(4), same_images=True)
     assert caught.value.node_id == "3"
