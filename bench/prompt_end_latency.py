@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import trio
 
-from comfytrio._client import open_comfy_client, wait_server_ready
+from comfytrio import open_comfy_client, wait_server_ready
 
 
 def _prompt(i: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ``ComfyClient`` puts together its REST calls (``_rest.py``, one HTTP client, and
 ``_dialect.py`` for the routes that depend on the server's version), its websocket session
 (``_session.py``, one websocket) and its prompts' state (``_prompts.py``, a pure state
-machine). The names of ``_results.py`` and ``_rest.py`` other modules import are re-exported.
+machine).
 
 Protocol facts this module is built on (recorded from a real ComfyUI 0.3.64, see
 ``comfyui-protocol/README.md``):
@@ -46,23 +46,10 @@ from ._frames import STREAMING_OUTPUT_CLASSES, Streams
 from ._http import HttpClient
 from ._prompts import Prompts, Watch
 from ._rest import SendFailed, instance_name, make_http, refused
-from ._rest import wait_server_ready as wait_server_ready
-from ._results import ClientStatistics as ClientStatistics
-from ._results import OutputRef as OutputRef
-from ._results import PromptResult as PromptResult
-from ._results import SubmittedPrompt as SubmittedPrompt
+from ._results import ClientStatistics, PromptResult, SubmittedPrompt
 from ._session import Session
 
-__all__ = [
-    "ClientStatistics",
-    "ComfyClient",
-    "OutputRef",
-    "PromptResult",
-    "SubmittedPrompt",
-    "connect_comfy_client",
-    "open_comfy_client",
-    "wait_server_ready",
-]
+__all__ = ["ComfyClient", "connect_comfy_client", "open_comfy_client"]
 
 logger = logging.getLogger("comfytrio.client")
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import attrs
 import trio
 
-from ._client import PromptResult
 from ._concurrency import run_concurrently
 from ._errors import ComfyUITimeoutError, ServerProtocolError, UnsafeNameError
 from ._files import atomic_file, output_path
 from ._instance import Instance
-from ._results import OutputRef, StreamedImage
+from ._results import OutputRef, PromptResult, StreamedImage
 from ._types import OutputFile
 
 __all__ = ["OutputCollector"]

@@ -18,10 +18,12 @@ from typing import Any
 import attrs
 import trio
 
-from ._client import ComfyClient, OutputRef, connect_comfy_client, wait_server_ready
+from ._client import ComfyClient, connect_comfy_client
 from ._errors import ComfyAPIError
 from ._files import atomic_file, output_path, safe_join
 from ._process import LaunchSpec, RunningProcess, run_comfyui
+from ._rest import wait_server_ready
+from ._results import OutputRef
 
 __all__ = ["Instance", "InstanceState"]
 

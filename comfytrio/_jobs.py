@@ -12,12 +12,12 @@ import attrs
 import trio
 from outcome import Error, Value
 
-from ._client import PromptResult
 from ._collect import OutputCollector
 from ._errors import ComfyAPIError, ExecutionError
 from ._frames import STREAMING_OUTPUT_CLASSES
 from ._instance import Instance
 from ._plan import ShardPlan
+from ._results import PromptResult
 from ._shards import ShardTask
 from ._types import JobResult, OutputFile, OutputValue, ShardFailure, ShardReport
 

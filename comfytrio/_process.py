@@ -30,7 +30,6 @@ from typing import Any, overload
 import attrs
 import trio
 
-from ._client import wait_server_ready
 from ._errors import (
     ComfyAPIError,
     ComfyUIStartupError,
@@ -38,6 +37,7 @@ from ._errors import (
     PortInUseError,
     unwrapped,
 )
+from ._rest import wait_server_ready
 
 __all__ = ["InstanceDirs", "LaunchSpec", "comfyui_command", "run_comfyui"]
 

@@ -579,8 +579,8 @@ async def test_demo_prints_paths_that_exist(tmp_path: Path) -> None:
     assert len(paths) == 5  # 4 generated, 1 inverted
     assert all(Path(p).is_file() for p in paths)
     assert "split: same-images" in out
-    generated = out.splitlines()[-5:-1]
-    assert all(line.endswith(f"(batch index {i})") for i, line in enumerate(generated))
+    assert "batch indices 0, 1, 2, 3, then 1 not from the batch:" in out
+    assert [Path(p).name.split("_")[0] for p in paths] == ["demo"] * 4 + ["inverted"]
 
 
 # ---------------------------------------------------------------------- doctor

@@ -166,11 +166,14 @@ def demo(args: argparse.Namespace) -> int:
             f"{shard.batch_offset}, seeds={shard.seeds}"
         )
     print(f"split: {result.split}: {_SPLITS.get(result.split, '')}")
+    indices = [str(o.batch_index) for o in result.outputs if o.batch_index is not None]
+    others = len(result.outputs) - len(indices)
     print(
         f"{len(result.outputs)} images (job {result.job_id}, "
-        f"{result.finished_at - result.started_at:.2f} s):"
+        f"{result.finished_at - result.started_at:.2f} s), one path a line: batch indices "
+        f"{', '.join(indices) or 'none'}"
+        + (f", then {others} not from the batch:" if others else ":")
     )
     for output in result.outputs:
-        index = "" if output.batch_index is None else f"  (batch index {output.batch_index})"
-        print(f"  {output.path}{index}")
+        print(f"  {output.path}")
     return EXIT_OK if result.ok else EXIT_FAILED
