@@ -49,6 +49,12 @@ from ._events import PromptStarted as PromptStarted
 from ._events import QueueStatus as QueueStatus
 from ._http import HttpClient as HttpClient
 from ._instance import InstanceState as InstanceState
+from ._job_events import JobEvent as JobEvent
+from ._job_events import JobPlanned as JobPlanned
+from ._job_events import ShardFailed as ShardFailed
+from ._job_events import ShardFinished as ShardFinished
+from ._job_events import ShardSubmitted as ShardSubmitted
+from ._jobs import ShardOutputs as ShardOutputs
 from ._plan import JobPlan as JobPlan
 from ._plan import ShardPlan as ShardPlan
 from ._plan import plan_job as plan_job
@@ -66,6 +72,8 @@ from ._scheduler import ApiStatistics as ApiStatistics
 from ._scheduler import InstanceStatistics as InstanceStatistics
 from ._scheduler import JobStatistics as JobStatistics
 from ._scheduler import distribute as distribute
+from ._shards import PROMPT_NAMESPACE as PROMPT_NAMESPACE
+from ._shards import shard_prompt_id as shard_prompt_id
 from ._types import ComfyUIInstance as ComfyUIInstance
 from ._types import FaultPolicy as FaultPolicy
 from ._types import GPUInfo as GPUInfo

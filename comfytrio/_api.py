@@ -23,7 +23,16 @@ from ._fleet import start_all, watch_capacity
 from ._gpu import detect_gpus
 from ._http import default_ssl_context
 from ._instance import Instance, InstanceState
-from ._jobs import OutputTask, ShardOutputs, ShardWork, job_result, run_shard
+from ._job_events import JobEvent, JobPlanned, send_event
+from ._jobs import (
+    OutputTask,
+    ShardOutputs,
+    ShardWork,
+    job_result,
+    reattach_prompt,
+    run_shard,
+    shard_ended,
+)
 from ._plan import JobPlan, job_seed_for, plan_validated, validate_params, workflow_snapshot
 from ._plugins import Plugins, make_plugin_manager
 from ._process import InstanceDirs, LaunchSpec
@@ -48,9 +57,26 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024**3
 """The default size cap of one output file downloaded from a remote server (4 GiB)."""
 
 
+_SAFE_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,128}")
+"""A job id or prompt id we accept from a caller: it names folders and goes into URLs."""
+
+
+def _check_max_shards(max_shards: int | None) -> None:
+    """``ValueError`` unless ``max_shards`` is None or an integer of at least 1."""
+    if max_shards is None:
+        return
+    if isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1:
+        raise ValueError(f"max_shards must be None or an integer of at least 1, got {max_shards!r}")
+
+
+def _shard_count(ready: int, max_shards: int | None) -> int:
+    """How many shards a job gets on ``ready`` instances."""
+    return ready if max_shards is None else min(ready, max_shards)
+
+
 class WorkflowOptions(TypedDict, total=False):
     """The keywords of ``ComfyAPI.execute_workflow`` and ``check_workflow``
-    (``run_workflow`` takes ``timeout`` too); each is optional."""
+    (``run_workflow`` takes ``timeout``, ``job_id`` and ``events`` too); each is optional."""
 
     models: Sequence[ModelRef]
     """Model files that must exist before the workflow runs (checked when it is planned)."""
@@ -63,6 +89,11 @@ class WorkflowOptions(TypedDict, total=False):
     same_images: bool
     """Refuse (``NotReproducibleError``) a split that would not make the images of one GPU
     (see ``run_workflow``)."""
+    max_shards: int | None
+    """Split the job into at most this many shards (None: one per ready instance). The
+    shard count is ``min(ready instances, max_shards)``; ``max_shards=1`` runs the whole
+    job, its whole batch, as one prompt on whichever server frees first. Below 1:
+    ``ValueError``."""
 
 
 class ComfyAPI:
@@ -151,7 +182,9 @@ class ComfyAPI:
             depth=prompts_per_instance,
             max_attempts=self.faults.max_shard_attempts,
             slow_planning=slow_planning,
+            on_end=shard_ended,
         )
+        self._running_jobs: set[str] = set()
         self._cm: AbstractAsyncContextManager[ComfyAPI] | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -312,7 +345,7 @@ class ComfyAPI:
     ) -> list[str]:
         """Run ``workflow`` split across the instances; return the absolute paths of every
         output file (the seed library's call). Its keywords (``models``, ``loras``,
-        ``params``, ``seed``, ``same_images``) are ``run_workflow``'s.
+        ``params``, ``seed``, ``same_images``, ``max_shards``) are ``run_workflow``'s.
 
         Some shards failing: their errors are logged, the others' files are returned. Every
         shard failing: the first error is raised, with the others in ``other_errors``.
@@ -331,6 +364,9 @@ class ComfyAPI:
         seed: int | None = None,
         timeout: float | None = None,
         same_images: bool = False,
+        max_shards: int | None = None,
+        job_id: str | None = None,
+        events: trio.MemorySendChannel[JobEvent] | None = None,
     ) -> JobResult:
         """Like ``execute_workflow`` but return a ``JobResult``: every output (path, instance,
         node id, file name, sub-folder, type), every failed shard, seeds and timings.
@@ -349,11 +385,72 @@ class ComfyAPI:
         ``same_images=True`` raises ``NotReproducibleError`` (before anything runs) for a
         split that would not make the one-GPU images: an ancestral, SDE or LCM sampler, a
         batch over 64, a split of anything but an ``EmptyLatentImage`` batch.
+
+        ``max_shards``: split the job into at most that many shards (``min(ready
+        instances, max_shards)``; 1: the whole job as one prompt on whichever server frees
+        first). ``job_id``: the caller's id for the job (letters, digits, ``_``, ``-``,
+        ``.``; at most 128), in logs, ``statistics()``, ``JobResult.job_id`` and the
+        prompt ids: attempt ``a`` of shard ``i`` is prompt ``shard_prompt_id(job_id, i,
+        a)`` on its server, so a caller that lost track can find them again
+        (``reattach``). Default: a new random id; give each job its own (an id used again
+        gives the same prompt ids, which ComfyUI may answer from its cache).
+        ``events``: the job's ``JobPlanned``, ``ShardSubmitted``, ``ShardFinished`` and
+        ``ShardFailed`` (exported by ``comfytrio``), sent with ``send_nowait``: a full or
+        closed channel drops them with a warning; the job never waits on it and never
+        closes it.
+
+        Raises ``ValueError`` for a ``max_shards`` below 1, a malformed ``job_id`` or one
+        of a job running in this api (before anything runs); else as ``execute_workflow``.
         """
         if self._http is None or self._plugins is None:
             raise RuntimeError("use ComfyAPI inside `async with`")
         started_at = trio.current_time()
-        job_id = uuid.uuid4().hex[:12]
+        _check_max_shards(max_shards)
+        if job_id is None:
+            job_id = uuid.uuid4().hex[:12]
+        elif not isinstance(job_id, str) or not _SAFE_ID.fullmatch(job_id):
+            raise ValueError(
+                f"job_id must be 1 to 128 letters, digits, '_', '-' or '.' (not only dots), "
+                f"got {job_id!r}"
+            )
+        if job_id in self._running_jobs:
+            raise ValueError(f"job_id {job_id!r} is already running in this api")
+        self._running_jobs.add(job_id)
+        try:
+            return await self._run_job(
+                job_id,
+                started_at,
+                workflow,
+                models=models,
+                loras=loras,
+                params=params,
+                seed=seed,
+                timeout=timeout,
+                same_images=same_images,
+                max_shards=max_shards,
+                events=events,
+            )
+        finally:
+            self._running_jobs.discard(job_id)
+
+    async def _run_job(
+        self,
+        job_id: str,
+        started_at: float,
+        workflow: Mapping[str, Any],
+        *,
+        models: Sequence[ModelRef],
+        loras: Sequence[LoRARef],
+        params: Mapping[str, Mapping[str, Any]] | None,
+        seed: int | None,
+        timeout: float | None,
+        same_images: bool,
+        max_shards: int | None,
+        events: trio.MemorySendChannel[JobEvent] | None,
+    ) -> JobResult:
+        """``run_workflow`` once its job id is taken."""
+        assert self._http is not None
+        assert self._plugins is not None
         self._ready_instances()  # fail at once rather than after waiting our turn
         # Checked and copied now: a bad param fails at once, and the job runs the workflow as
         # it is now, though it is planned only when its turn comes.
@@ -369,7 +466,7 @@ class ComfyAPI:
                 models=models,
                 loras=loras,
                 targets=ready,
-                shard_count=len(ready),
+                shard_count=_shard_count(len(ready), max_shards),
                 models_path=(
                     self.models_path if any(i.owned or i.is_local for i in ready) else None
                 ),
@@ -382,8 +479,9 @@ class ComfyAPI:
             )
             limit = self.execution_timeout if timeout is None else timeout
             shards: list[OutputTask] = [
-                ShardTask(job_id, s.index, ShardWork(s, limit)) for s in plan.shards
+                ShardTask(job_id, s.index, ShardWork(s, limit, events)) for s in plan.shards
             ]
+            send_event(events, JobPlanned(job_id, len(shards), plan.split, plan.seed))
             self._scheduler.submit(job_id, shards)
         finished = await self._scheduler.wait(job_id)
         return job_result(job_id, finished, seed=plan.seed, started_at=started_at, split=plan.split)
@@ -391,17 +489,21 @@ class ComfyAPI:
     async def check_workflow(
         self, workflow: Mapping[str, Any], **options: Unpack[WorkflowOptions]
     ) -> CheckReport:
-        """A dry run of ``run_workflow`` (its keywords but ``timeout``): plan the job on the
+        """A dry run of ``run_workflow`` (its keywords but ``timeout``, ``job_id`` and
+        ``events``): plan the job on the
         instances ready now and check each shard's workflow against every one's
         ``/object_info`` (node classes, required inputs, links, types, ranges, lists such as
-        model files) and ``models`` against their ``/models`` lists. Returns a
+        model files) and ``models`` against their ``/models`` lists (``max_shards`` bounds
+        the shards planned, as for ``run_workflow``). Returns a
         ``CheckReport``: the shards with their params and seeds, and every problem (a bad
         param, an unknown title, a wrong model name...), not just the first. Sends no
         prompt, uploads and downloads nothing (an image param is not prepared: see
-        ``CheckReport.notes``). Raises only ``ValueError`` (a bad ``seed``) and, with no
-        instance ready, ``ComfyAPIError``."""
+        ``CheckReport.notes``). Raises only ``ValueError`` (a bad ``seed`` or
+        ``max_shards``) and, with no instance ready, ``ComfyAPIError``."""
         if self._http is None or self._plugins is None:
             raise RuntimeError("use ComfyAPI inside `async with`")
+        max_shards = options.get("max_shards")
+        _check_max_shards(max_shards)
         ready = self._ready_instances()
         local = any(i.owned or i.is_local for i in ready)
         return await check_job(
@@ -415,6 +517,7 @@ class ComfyAPI:
             instances=ready,
             models_path=self.models_path if local else None,
             http=self._http,
+            shard_count=_shard_count(len(ready), max_shards),
         )
 
     def _ready_instances(self) -> list[Instance]:
@@ -428,6 +531,58 @@ class ComfyAPI:
         """The scheduler's runner: ``run_shard`` with the api's output settings."""
         collector = OutputCollector(self.download_dir, self.max_output_bytes)
         return await run_shard(instance, task, collector)
+
+    async def reattach(
+        self, prompt_id: str, *, url: str | None = None, timeout: float | None = None
+    ) -> ShardOutputs:
+        """Find a prompt posted earlier (by this api, or by a process that was restarted
+        since: ``ShardSubmitted.prompt_id``, ``shard_prompt_id``) on the ready instances,
+        wait while it is queued or running there, and return its outputs, collected as a
+        shard's are (read in place from a local server, else downloaded into
+        ``download_dir/<prompt id>/<instance>/``).
+
+        ``url``: the base URL of the server it was posted to (``ShardSubmitted.url``),
+        asked first; then every other ready instance. Its events go to the websocket of
+        the client that posted it, so it is watched by polling (``/api/jobs/{id}`` where
+        the server has it, else ``/queue`` and ``/history/{id}``; every 0.25 s at first,
+        every 2 s at most). ``timeout`` (default: the api's ``execution_timeout``) counts
+        from when it is first seen running, as a shard's: past it, the prompt is
+        interrupted; it bounds the downloads too. If the caller is cancelled while it
+        waits, the prompt is removed from its server (deleted if queued, interrupted if
+        running) before the cancellation goes on.
+
+        Only what ``/history`` lists can be had: images a ``SaveImageWebsocket`` node sent
+        over the websocket went to the client that posted the prompt and are lost. The
+        files have no ``batch_index`` (the split is not known here); the values have
+        shard 0.
+
+        Raises ``PromptVanishedError`` when no ready server knows the prompt (or it leaves
+        its server's queue without running), ``ServerLostError`` when a server that could
+        have it (the one of ``url``, not ready say) cannot say and no other has it, or
+        cannot say for its ``reconnect_timeout`` while it waits; ``ExecutionError`` when it
+        failed (with the node's details and the files it wrote before, as ``run_workflow``
+        reports them), ``ExecutionInterruptedError`` when it was interrupted,
+        ``ComfyUITimeoutError`` past ``timeout``, ``ComfyAPIError`` when no instance is
+        ready, ``ValueError`` for a malformed ``prompt_id`` (1 to 128 letters, digits,
+        ``_``, ``-`` or ``.``).
+        """
+        if self._http is None:
+            raise RuntimeError("use ComfyAPI inside `async with`")
+        if not isinstance(prompt_id, str) or not _SAFE_ID.fullmatch(prompt_id):
+            raise ValueError(
+                "prompt_id must be 1 to 128 letters, digits, '_', '-' or '.' (not only dots), "
+                f"got {prompt_id!r}"
+            )
+        candidates = self._ready_instances()
+        if url is not None:
+            base = url.rstrip("/")
+            # That server first, ready or not: one that cannot say where the prompt is makes
+            # a ServerLostError, not a PromptVanishedError, if no other server has it.
+            named = [i for i in self.instances if i.url.rstrip("/") == base]
+            candidates = named + [i for i in candidates if i not in named]
+        collector = OutputCollector(self.download_dir, self.max_output_bytes)
+        limit = self.execution_timeout if timeout is None else timeout
+        return await reattach_prompt(candidates, prompt_id, collector, timeout=limit)
 
     def statistics(self) -> ApiStatistics:
         """A frozen snapshot: per instance its state, prompts in flight, busy time, shards

@@ -305,8 +305,10 @@ async def check_job(
     instances: Sequence[Instance],
     models_path: Path | None,
     http: httpx.AsyncClient,
+    shard_count: int | None = None,
 ) -> CheckReport:
-    """The dry run behind ``ComfyAPI.check_workflow`` (see there), on ``instances``."""
+    """The dry run behind ``ComfyAPI.check_workflow`` (see there), on ``instances``, in
+    ``shard_count`` shards (None: one per instance)."""
     job_seed = job_seed_for(seed)
     names = tuple(i.name for i in instances)
     checked, problems = _params(plugins, workflow, params)
@@ -326,7 +328,7 @@ async def check_job(
             loras=loras,
             models=models,
             targets=instances,
-            shard_count=len(instances),
+            shard_count=len(instances) if shard_count is None else shard_count,
             models_path=models_path,
             http=http,
         )

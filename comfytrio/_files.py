@@ -116,7 +116,7 @@ class AtomicFile:
     came from, when one is given, else the ``OSError`` itself.
     """
 
-    def __init__(self, dest: Path, url: str | None, *, spill: int) -> None:
+    def __init__(self, dest: Path, url: str | None, *, spill: int, mode: int | None = None) -> None:
         self.dest = dest
         """Where the file goes."""
         self.url = url
@@ -126,6 +126,7 @@ class AtomicFile:
         self.committed = False
         """Whether the file is in place."""
         self._spill = spill
+        self._mode = mode
         self._tmp = dest.parent / f".part-{secrets.token_hex(8)}"
         self._pending = bytearray()
         self._file: BinaryIO | None = None
@@ -163,7 +164,12 @@ class AtomicFile:
     def _flush_pending(self) -> BinaryIO:
         if self._file is None:
             self._tmp.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self._tmp.open("wb")
+            if self._mode is None:
+                self._file = self._tmp.open("wb")
+            else:  # made with its mode: no moment where others may read it
+                fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._mode)
+                os.fchmod(fd, self._mode)  # whatever the umask
+                self._file = os.fdopen(fd, "wb")
         self._file.write(self._pending)
         self._pending.clear()
         return self._file
@@ -188,13 +194,14 @@ class AtomicFile:
 
 @asynccontextmanager
 async def atomic_file(
-    dest: Path, url: str | None = None, *, spill: int | None = None
+    dest: Path, url: str | None = None, *, spill: int | None = None, mode: int | None = None
 ) -> AsyncIterator[AtomicFile]:
     """Write ``dest`` atomically: the block writes to the ``AtomicFile`` and calls its
     ``commit()``; leaving the block without (an error, a cancellation) removes what was
     written. ``url``: where the bytes come from (a local error is then a ``DownloadError``);
-    ``spill``: bytes kept in memory before a write (default ``SPILL_BYTES``)."""
-    out = AtomicFile(dest, url, spill=SPILL_BYTES if spill is None else spill)
+    ``spill``: bytes kept in memory before a write (default ``SPILL_BYTES``); ``mode``: the
+    file's permissions from its creation on (default: the umask's)."""
+    out = AtomicFile(dest, url, spill=SPILL_BYTES if spill is None else spill, mode=mode)
     try:
         yield out
     finally:

@@ -1,22 +1,34 @@
 """One job's shards on the servers and back: what a shard carries through the queue, the
-runner the scheduler calls for it on an instance, and the ``JobResult`` made of the shards'
-outcomes."""
+runner the scheduler calls for it on an instance, the events of its attempts, the
+``JobResult`` made of the shards' outcomes, and a prompt found again on its server
+(``reattach_prompt``)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 import trio
-from outcome import Error, Value
+from outcome import Error, Outcome, Value
 
+from . import _firewall as firewall
 from ._collect import OutputCollector
-from ._errors import ComfyAPIError, ExecutionError
+from ._errors import (
+    ComfyAPIError,
+    ComfyUITimeoutError,
+    ExecutionError,
+    PromptVanishedError,
+    ServerLostError,
+    ServerProtocolError,
+)
 from ._frames import STREAMING_OUTPUT_CLASSES
-from ._instance import Instance
+from ._instance import Instance, InstanceState
+from ._job_events import JobEvent, ShardFailed, ShardFinished, ShardSubmitted, send_event
 from ._plan import ShardPlan
+from ._prompts import Prompts
 from ._results import PromptResult
 from ._shards import ShardTask
 from ._types import JobResult, OutputFile, OutputValue, ShardFailure, ShardReport
@@ -27,7 +39,9 @@ __all__ = [
     "ShardOutputs",
     "ShardWork",
     "job_result",
+    "reattach_prompt",
     "run_shard",
+    "shard_ended",
 ]
 
 logger = logging.getLogger("comfytrio")
@@ -47,6 +61,10 @@ class ShardWork:
     timeout: float
     """Seconds its prompt may run once it started on its server (then as long again for
     its downloads)."""
+    events: trio.MemorySendChannel[JobEvent] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+    """Where its job's events go (None: nowhere)."""
 
 
 @attrs.frozen
@@ -84,6 +102,10 @@ async def run_shard(
         for node in prompt.values():
             if isinstance(node, dict) and node.get("class_type") in output_classes:
                 node.setdefault("inputs", {})[JOB_MARKER_INPUT] = task.prompt_id
+        submitted = ShardSubmitted(
+            task.job_id, task.index, task.attempts, instance.name, instance.url, task.prompt_id
+        )
+        send_event(work.events, submitted)
         try:
             result = await client.run(prompt, prompt_id=task.prompt_id, timeout=work.timeout)
         except ExecutionError as exc:
@@ -124,6 +146,32 @@ async def _written_before(
         "job %s: shard %d failed after writing %d file(s)", task.job_id, task.index, len(files)
     )
     return files
+
+
+def shard_ended(task: OutputTask, result: Outcome[ShardOutputs], retrying: bool) -> None:
+    """The scheduler's ``on_end``: a ``ShardFinished`` or ``ShardFailed`` to the shard's
+    job's events."""
+    events = task.payload.events
+    if events is None:
+        return
+    where = task.instance or ""
+    if isinstance(result, Value):
+        done = result.value
+        event: JobEvent = ShardFinished(
+            task.job_id,
+            task.index,
+            task.attempts,
+            where,
+            task.prompt_id,
+            tuple(done.files),
+            tuple(done.values),
+        )
+    else:
+        assert isinstance(result, Error)
+        event = ShardFailed(
+            task.job_id, task.index, task.attempts, where, task.prompt_id, result.error, retrying
+        )
+    send_event(events, event)
 
 
 def numbered(files: Sequence[OutputFile], plan: ShardPlan) -> list[OutputFile]:
@@ -217,3 +265,190 @@ def _report(task: OutputTask) -> ShardReport:
         task.finished_at or trio.current_time(),
         isinstance(task.outcome, Value),
     )
+
+
+# --------------------------------------------------------------------------- reattach
+
+_POLL_FIRST = 0.25
+"""Seconds between the first looks at a prompt we wait for without its events."""
+_POLL_MAX = 2.0
+"""The longest wait between two looks (each waits 1.5 times longer than the last)."""
+
+
+async def reattach_prompt(
+    instances: Sequence[Instance],
+    prompt_id: str,
+    collector: OutputCollector,
+    *,
+    timeout: float,
+) -> ShardOutputs:
+    """Find ``prompt_id`` on ``instances`` (in that order), wait while it is queued or
+    running there, and collect its outputs as ``run_shard`` does (see
+    ``ComfyAPI.reattach``). Its events go to the websocket of the client that posted it,
+    so it is watched by polling: ``/api/jobs/{id}`` where the server has it, else
+    ``/queue`` then ``/history/{id}``."""
+    instance, entry = await _find(instances, prompt_id)
+    if entry is None:
+        entry = await _wait_ended(instance, prompt_id, timeout)
+    folder = re.sub(r"[^A-Za-z0-9_-]", "_", prompt_id)
+    try:
+        result = _settled(instance, prompt_id, entry)
+    except ExecutionError as exc:
+        if exc.node_outputs:  # what it wrote before it failed is kept
+            partial = PromptResult(instance.name, prompt_id, exc.node_outputs)
+            try:
+                exc.outputs = tuple(await collector.collect(partial, instance, folder, timeout))
+            except ComfyAPIError as missed:
+                logger.warning(
+                    "prompt %s: the files written before it failed cannot be had: %s",
+                    prompt_id,
+                    missed,
+                )
+        raise
+    files = await collector.collect(result, instance, folder, timeout)
+    values = [
+        OutputValue(0, instance.name, prompt_id, node, key, tuple(found))
+        for node, keys in result.values.items()
+        for key, found in keys.items()
+    ]
+    logger.info("prompt %s on %s: reattached, %d file(s)", prompt_id, instance.name, len(files))
+    return ShardOutputs(files, values)
+
+
+async def _find(
+    instances: Sequence[Instance], prompt_id: str
+) -> tuple[Instance, dict[str, Any] | None]:
+    """The first of ``instances`` that knows the prompt, and its history entry when it has
+    ended there (None: queued or running). ``PromptVanishedError`` (of the first instance)
+    when none knows it; a ``ServerError`` of the first that could not say, when none that
+    could say knows it."""
+    unsure: ServerLostError | ServerProtocolError | None = None
+    for instance in instances:
+        try:
+            state, entry = await _look(instance, prompt_id)
+        except (ServerLostError, ServerProtocolError) as exc:
+            logger.warning(
+                "prompt %s: %s cannot say if it has it: %s", prompt_id, instance.name, exc
+            )
+            unsure = unsure or exc
+            continue
+        if state is not None:
+            logger.info("prompt %s: found on %s (%s)", prompt_id, instance.name, state)
+            return instance, entry
+    if unsure is not None:
+        unsure.prompt_id = unsure.prompt_id or prompt_id
+        raise unsure
+    raise PromptVanishedError(instances[0].name if instances else "", prompt_id)
+
+
+async def _look(instance: Instance, prompt_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    """Where the prompt is on ``instance``: ``("pending" | "running", None)``, ``("ended",
+    its history entry)``, or ``(None, None)`` when the server does not know it. Raises
+    ``ServerLostError`` or ``ServerProtocolError`` when the server cannot say."""
+    client = instance.client
+    if client is None or instance.state != InstanceState.READY:
+        raise ServerLostError(instance.name, "it is not ready", prompt_id=prompt_id)
+    try:
+        jobs_api = await client.detect_jobs_api()
+    except ServerLostError:
+        jobs_api = False
+    if jobs_api:
+        status = await client.job_status(prompt_id)
+        if status is None:
+            return None, None
+        if status in ("pending", "in_progress"):
+            return ("pending" if status == "pending" else "running"), None
+    else:
+        running, pending = firewall.queue_ids(await client.queue())
+        if prompt_id in running:
+            return "running", None
+        if prompt_id in pending:
+            return "pending", None
+    # ComfyUI writes the history entry before it takes the prompt off the running list:
+    # one that is in neither has vanished.
+    entry = await client.history(prompt_id)
+    return ("ended" if entry is not None else None), entry
+
+
+async def _wait_ended(instance: Instance, prompt_id: str, timeout: float) -> dict[str, Any]:
+    """Poll until the prompt has ended on ``instance``; its history entry. ``timeout``
+    counts from when it was first seen running; past it, the prompt is cancelled and
+    ``ComfyUITimeoutError`` raised. A caller cancelled while it waits cancels the prompt on
+    the server first. ``PromptVanishedError`` when it leaves the server without an entry;
+    ``ServerLostError`` when the server cannot say where it is for its client's
+    ``reconnect_timeout`` seconds."""
+    interval = _POLL_FIRST
+    started_at: float | None = None
+    last_answer = trio.current_time()
+    finished = False
+    try:
+        while True:
+            now = trio.current_time()
+            try:
+                state, entry = await _look(instance, prompt_id)
+            except (ServerLostError, ServerProtocolError) as exc:
+                client = instance.client
+                patience = client.reconnect_timeout if client is not None else 0.0
+                if trio.current_time() - last_answer > patience:
+                    raise ServerLostError(
+                        instance.name, f"cannot say where the prompt is: {exc}", prompt_id=prompt_id
+                    ) from exc
+                state, entry = "unknown", None
+            else:
+                last_answer = trio.current_time()
+            if state is None:
+                raise PromptVanishedError(instance.name, prompt_id)
+            if entry is not None:
+                finished = True
+                return entry
+            if state == "running" and started_at is None:
+                started_at = now
+            if started_at is not None and trio.current_time() - started_at >= timeout:
+                await _cancel(instance, prompt_id)
+                finished = True
+                raise ComfyUITimeoutError(
+                    f"ComfyUI {instance.name}: prompt {prompt_id} ran for {timeout:g} s without "
+                    "finishing (it was interrupted)",
+                    instance=instance.name,
+                    prompt_id=prompt_id,
+                    timeout=timeout,
+                )
+            pause = interval
+            if started_at is not None:
+                pause = max(0.0, min(pause, started_at + timeout - trio.current_time()))
+            await trio.sleep(pause)
+            interval = min(interval * 1.5, _POLL_MAX)
+    except ComfyAPIError:
+        finished = True
+        raise
+    finally:
+        if not finished:  # cancelled while it waits: it keeps no GPU busy
+            await _cancel(instance, prompt_id)
+
+
+async def _cancel(instance: Instance, prompt_id: str) -> None:
+    """Remove the prompt from ``instance`` (deleted if queued, interrupted if running),
+    even while our caller is being cancelled, within the client's ``cancel_timeout``."""
+    client = instance.client
+    if client is None:
+        return
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + client.cancel_timeout):
+        await client.cancel_prompt(prompt_id)
+    logger.info("prompt %s: cancelled on %s", prompt_id, instance.name)
+
+
+def _settled(instance: Instance, prompt_id: str, entry: dict[str, Any]) -> PromptResult:
+    """The prompt's result from its history entry; raises ``ExecutionError``
+    (``ExecutionInterruptedError``) as a prompt we ran would, ``ServerProtocolError`` for an
+    entry ComfyUI never writes."""
+    prompts = Prompts(instance.name)
+    watch = prompts.watch(prompt_id, trio.current_time())
+    try:
+        prompts.history(watch, entry)
+    except firewall.Malformed as exc:
+        raise ServerProtocolError(instance.name, f"/history: {exc}", prompt_id=prompt_id) from None
+    outcome = watch.outcome
+    if isinstance(outcome, PromptResult):
+        return outcome
+    assert outcome is not None
+    raise outcome

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 import attrs
@@ -82,7 +82,10 @@ class Scheduler(Generic[W, P, R]):
     workers, so every instance could take one more prompt before planning has to catch
     up). ``slow_planning``: seconds after which a job still being planned stops counting
     (its turn goes to the next waiting job, so one slow download does not idle the GPUs);
-    None: never.
+    None: never. ``on_end``: called (in the scheduler's task: it must not block) with each
+    attempt that ended, its outcome, and whether the shard runs again (True: the attempt
+    was lost, a new one follows; False: the shard ended so, however: done, failed,
+    cancelled, or dropped from the queue); an exception it raises is logged.
     """
 
     def __init__(
@@ -94,12 +97,14 @@ class Scheduler(Generic[W, P, R]):
         keep_finished: int = 100,
         plan_ahead: int | None = None,
         slow_planning: float | None = 2.0,
+        on_end: Callable[[ShardTask[P, R], Outcome[R], bool], None] | None = None,
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         if plan_ahead is not None and plan_ahead < 1:
             raise ValueError(f"plan_ahead must be at least 1, got {plan_ahead}")
         self._runner = runner
+        self._on_end = on_end
         self._admission = Admission(self._room, slow_planning=slow_planning)
         self.depth = depth
         """Shards each instance runs at once."""
@@ -189,11 +194,21 @@ class Scheduler(Generic[W, P, R]):
     def _end(self, task: ShardTask[P, R], result: Outcome[R]) -> None:
         """``task`` ended with ``result``; its job is done with its last one."""
         task.outcome = result
+        self._notify(task, result, retrying=False)
         job = self._jobs.get(task.job_id)
         if job is not None:
             job.remaining -= 1
             if job.remaining == 0:
                 job.done.set()
+
+    def _notify(self, task: ShardTask[P, R], result: Outcome[R], *, retrying: bool) -> None:
+        """Tell ``on_end`` how an attempt of ``task`` ended (before a retry changes it)."""
+        if self._on_end is None:
+            return
+        try:
+            self._on_end(task, result, retrying)
+        except Exception:
+            logger.exception("job %s: shard %d: on_end failed", task.job_id, task.index)
 
     def cancel(self, job_id: str) -> None:
         """Drop the job's queued shards and cancel its running ones; each ends with a
@@ -294,6 +309,7 @@ class Scheduler(Generic[W, P, R]):
                 counters.done += 1
             if (lost := self._lost(task, result)) is not None:
                 counters.retried += 1
+                self._notify(task, result, retrying=True)
                 self._requeue(task, lost)
             else:
                 self._end(task, result)

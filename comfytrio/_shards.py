@@ -16,7 +16,14 @@ import attrs
 import trio
 from outcome import Error, Outcome
 
-__all__ = ["ShardRunner", "ShardTask", "Worker", "distribute"]
+__all__ = [
+    "PROMPT_NAMESPACE",
+    "ShardRunner",
+    "ShardTask",
+    "Worker",
+    "distribute",
+    "shard_prompt_id",
+]
 
 P = TypeVar("P")
 """What a shard carries to its runner."""
@@ -24,6 +31,26 @@ R = TypeVar("R")
 """What its runner returns."""
 W_contra = TypeVar("W_contra", bound="Worker", contravariant=True)
 """The instances a runner runs shards on."""
+
+PROMPT_NAMESPACE = uuid.UUID("5b0f3e52-8c1d-5d7e-9a43-2f6c1e0b7d19")
+"""The ``uuid5`` namespace of the prompt ids of shards (``shard_prompt_id``)."""
+
+
+def shard_prompt_id(job_id: str, index: int, attempt: int) -> str:
+    """The prompt id of attempt ``attempt`` (1-based) of shard ``index`` of job ``job_id``:
+    ``str(uuid.uuid5(PROMPT_NAMESPACE, f"{job_id}/{index}/{attempt}"))``.
+
+    Deterministic, so whoever knows a job's id can find every prompt of it on the servers
+    (after a restart that lost which prompts were posted, say); new for each attempt, and
+    distinct across jobs with distinct ids. A job id used again (after its first job ended)
+    gives the same prompt ids again: give each job its own id.
+
+    >>> shard_prompt_id("job", 0, 1) == shard_prompt_id("job", 0, 1)
+    True
+    >>> shard_prompt_id("job", 0, 1) != shard_prompt_id("job", 0, 2)
+    True
+    """
+    return str(uuid.uuid5(PROMPT_NAMESPACE, f"{job_id}/{index}/{attempt}"))
 
 
 def distribute(total: int, gpu_count: int) -> list[int]:
@@ -83,8 +110,11 @@ class ShardTask(Generic[P, R]):
     """Its index in the job's split."""
     payload: P
     """What the runner needs."""
-    prompt_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
-    """Chosen before it is sent, so it can be deleted even mid-submit; new for each attempt."""
+    prompt_id: str = attrs.field(
+        default=attrs.Factory(lambda self: shard_prompt_id(self.job_id, self.index, 1), True)
+    )
+    """Chosen before it is sent, so it can be deleted even mid-submit:
+    ``shard_prompt_id(job_id, index, attempts)``, new for each attempt."""
     enqueued_at: float = attrs.field(factory=trio.current_time)
     """When it entered the queue (``trio.current_time()``)."""
     started_at: float | None = None
@@ -117,10 +147,11 @@ class ShardTask(Generic[P, R]):
         return self.outcome.error if isinstance(self.outcome, Error) else None
 
     def retry(self) -> None:
-        """Make it ready to be sent again: a new prompt id, and where it was lost noted."""
+        """Make it ready to be sent again: the prompt id of its next attempt, and where it was
+        lost noted."""
         self.attempts += 1
         self.previous_instances += (self.instance or "",)
-        self.prompt_id = str(uuid.uuid4())
+        self.prompt_id = shard_prompt_id(self.job_id, self.index, self.attempts)
         self.instance = self.started_at = self.finished_at = None
         self.outcome = None
 

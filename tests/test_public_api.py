@@ -20,9 +20,26 @@ SEED_NAMES = {
     "distribute",
 }
 
+FRONT_END_NAMES = {
+    # What a front end (``comfytrio serve``) needs of the core: events, ids, reattach.
+    "JobEvent",
+    "JobPlanned",
+    "PROMPT_NAMESPACE",
+    "ShardFailed",
+    "ShardFinished",
+    "ShardOutputs",
+    "ShardSubmitted",
+    "shard_prompt_id",
+}
+
 
 def test_seed_names_are_exported() -> None:
     missing = SEED_NAMES - set(dir(comfytrio))
+    assert not missing
+
+
+def test_front_end_names_are_exported() -> None:
+    missing = FRONT_END_NAMES - set(dir(comfytrio))
     assert not missing
 
 
