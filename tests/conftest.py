@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import ssl
 import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -482,3 +485,63 @@ def assert_no_duplicate_images(result: JobResult, *, one_gpu: JobResult | None =
         assert alike_by_nature, "the same image more than once: " + ", ".join(
             f"{o.instance} node {o.node_id} #{o.batch_index}" for o in group
         )
+
+
+# ---------------------------------------------------------------- comfytrio serve
+
+
+def start_serve(state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """``comfytrio serve`` on a free port; returns the process and its URL."""
+    log = (state.parent / f"{state.name}.log").open("a")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "comfytrio",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--print-url",
+            "--serve-dir",
+            str(state),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    log.close()
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    stdout = process.stdout
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        url = lines.get(timeout=60).strip()
+    except queue.Empty:
+        process.kill()
+        process.wait()
+        raise AssertionError("comfytrio serve did not print its URL within 60 s") from None
+    if not url.startswith("http://127.0.0.1:"):
+        process.kill()
+        process.wait()
+        stdout.close()
+        raise AssertionError(f"comfytrio serve failed: {url!r}, log in {state}.log")
+    return process, url
+
+
+def stop_serve(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, then wait; the exit code says it stopped cleanly."""
+    process.terminate()
+    try:
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def model_free(batch: int = 1) -> dict[str, Any]:
+    """The example model-free workflow: an EmptyImage batch saved, and the LoadImage
+    picture ("5") inverted ("6") and saved ("7")."""
+    workflow: dict[str, Any] = json.loads((WORKFLOWS / "model_free.json").read_text())
+    workflow["1"]["inputs"]["value"] = batch
+    return workflow

@@ -27,6 +27,7 @@ from ._fake_server import add_fake_server_arguments, fake_server
 from ._params import build_params, load_param_file, load_workflow, parse_lora, parse_model
 from ._plugins import add_plugins_arguments, plugins
 from ._run import add_run_arguments, run
+from ._serve import add_serve_arguments, serve
 
 __all__ = [
     "COMMANDS",
@@ -47,6 +48,12 @@ COMMANDS: list[Command] = [
         "run a workflow on ComfyUI instances (started here, or --url) and print the outputs",
         add_run_arguments,
         run,
+    ),
+    Command(
+        "serve",
+        "serve the Comfy API v2 over HTTP in front of every server (or --fake N) until Ctrl-C",
+        add_serve_arguments,
+        serve,
     ),
     Command(
         "demo",
