@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import pluggy
@@ -20,7 +22,7 @@ import pluggy
 from . import hookspecs
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES, Downloader
 from ._errors import ComfyAPIError, PluginError, UnknownParamTypeError
-from .hookspecs import AssetResolver, ParamType
+from .hookspecs import AssetResolver, OutputStore, ParamType
 
 __all__ = ["BLOCK_ENV_VAR", "ENTRY_POINT_GROUP", "PluginEntry", "Plugins", "make_plugin_manager"]
 
@@ -34,11 +36,36 @@ BLOCK_ENV_VAR = "COMFYTRIO_BLOCK_PLUGINS"
 
 _PARAM_TYPE_METHODS = ("validate", "prepare", "split", "shard_value", "inject", "parse_text")
 _RESOLVER_METHODS = ("check", "resolve", "inject")
+_OUTPUT_STORE_METHODS = ("put", "get", "delete")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+OutputStoreFactory = Callable[[str], OutputStore]
+"""What ``register_output_stores`` registers per scheme: opens the store a URL names."""
 
 
 def _env_blocked() -> set[str]:
     raw = os.environ.get(BLOCK_ENV_VAR, "")
     return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _scheme_of(url: str) -> str:
+    """The scheme of an output store's URL, lower-cased; ``file`` for a plain absolute path."""
+    if url.startswith("/"):
+        return "file"
+    return urlsplit(url).scheme.lower()
+
+
+def _shown_url(url: str) -> str:
+    """``url`` for an error message, its password (if any) hidden."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return parts._replace(
+                netloc=parts.netloc.replace(f":{parts.password}@", ":***@")
+            ).geturl()
+    except ValueError:
+        pass
+    return url
 
 
 def _summary(doc: str | None) -> str:
@@ -65,7 +92,8 @@ def make_plugin_manager(
     ``download_timeout``: its default deadline of one download, in seconds (an hour).
 
     Raises ``PluginError``: two entry points with one name, a plugin that fails to import,
-    an unknown hook (``check_pending``), a param type or resolver name registered twice.
+    an unknown hook (``check_pending``), a param type or resolver name or output store scheme
+    registered twice.
     """
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
@@ -80,12 +108,13 @@ def make_plugin_manager(
 
 @attrs.frozen
 class PluginEntry:
-    """One registered param type or asset resolver, as ``Plugins.describe`` lists it."""
+    """One registered param type, asset resolver or output store, as ``Plugins.describe``
+    lists it."""
 
     kind: str
-    """``param type`` or ``asset resolver``."""
+    """``param type``, ``asset resolver`` or ``output store``."""
     name: str
-    """Its name (a param's ``type``, or the resolver's name)."""
+    """Its name (a param's ``type``, the resolver's name, or the store's URL scheme)."""
     plugin: str
     """The plugin that registered it (its entry-point name)."""
     distribution: str
@@ -108,6 +137,7 @@ class Plugins:
         """The downloader every job of this manager shares (single-flight per file)."""
         self._param_types: dict[str, ParamType] = {}
         self._resolvers: dict[str, AssetResolver] = {}
+        self._output_stores: dict[str, OutputStoreFactory] = {}
         self._owners: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin name
         self._distributions: dict[str, str] = {}  # plugin name -> "distribution version"
 
@@ -144,7 +174,8 @@ class Plugins:
         through the same path as entry points, then rebuild the registries.
 
         Raises ``PluginError`` (and leaves the manager as it was): a name already in use or
-        blocked, an unknown hook, a param type or resolver name registered twice.
+        blocked, an unknown hook, a param type or resolver name or an output
+        store scheme registered twice.
         """
         registered = self._register(plugin, name)
         try:
@@ -177,7 +208,7 @@ class Plugins:
     def refresh(self) -> None:
         """Check every hook implementation (``check_pending``) and rebuild the registries.
 
-        Raises ``PluginError`` for an implementation of an unknown hook, or a name
+        Raises ``PluginError`` for an implementation of an unknown hook, or a name (or scheme)
         registered twice.
         """
         try:
@@ -189,6 +220,7 @@ class Plugins:
         self._resolvers = self._collect(
             "register_asset_resolvers", "asset resolver", _RESOLVER_METHODS
         )
+        self._output_stores = self._collect_output_stores()
 
     def _collect(self, hook_name: str, what: str, methods: tuple[str, ...]) -> dict[str, Any]:
         # Each implementation is called on its own so that an error names its plugin.
@@ -224,25 +256,62 @@ class Plugins:
             impl.function(*[arguments[arg] for arg in impl.argnames])
         return found
 
+    def _collect_output_stores(self) -> dict[str, OutputStoreFactory]:
+        # Like _collect, but a store is registered as (scheme, factory): the factory opens
+        # one store per URL, so there is no object to take a name from.
+        found: dict[str, OutputStoreFactory] = {}
+        for impl in reversed(self.manager.hook.register_output_stores.get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            plugin_name = impl.plugin_name
+
+            def register(scheme: object, factory: object, plugin_name: str = plugin_name) -> None:
+                if not isinstance(scheme, str) or not _SCHEME.fullmatch(scheme):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} registered an output store for {scheme!r}, "
+                        "not a lower-case URL scheme"
+                    )
+                if not callable(factory):
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: the output store factory of {scheme!r} is "
+                        f"not callable: {factory!r}"
+                    )
+                if scheme in found:
+                    owner = self._owners[("output store", scheme)]
+                    raise PluginError(
+                        f"output store scheme {scheme!r} is registered twice: by plugin "
+                        f"{owner!r} and by plugin {plugin_name!r}"
+                    )
+                found[scheme] = factory
+                self._owners[("output store", scheme)] = plugin_name
+
+            arguments = {"register": register}
+            impl.function(*[arguments[arg] for arg in impl.argnames])
+        return found
+
     # ------------------------------------------------------------------ typed hooks
 
     def describe(self) -> list[PluginEntry]:
-        """One entry per registered param type and asset resolver: what registered it, from
-        which distribution, and the first sentence of its docstring (``comfytrio plugins``)."""
+        """One entry per registered param type, asset resolver and output store: what
+        registered it, from which distribution, and the first sentence of its docstring (an
+        output store's: its factory's) (``comfytrio plugins``)."""
         entries = []
-        for kind, registry in (
+        registries: tuple[tuple[str, Mapping[str, Any]], ...] = (
             ("param type", self._param_types),
             ("asset resolver", self._resolvers),
-        ):
+            ("output store", self._output_stores),
+        )
+        for kind, registry in registries:
             for name, obj in registry.items():
                 plugin = self._owners.get((kind, name), "?")
+                doc = obj.__doc__ if kind == "output store" else type(obj).__doc__
                 entries.append(
                     PluginEntry(
                         kind=kind,
                         name=name,
                         plugin=plugin,
                         distribution=self._distributions.get(plugin, "registered by hand"),
-                        summary=_summary(type(obj).__doc__),
+                        summary=_summary(doc),
                     )
                 )
         return entries
@@ -254,6 +323,46 @@ class Plugins:
     def asset_resolvers(self) -> list[AssetResolver]:
         """Every registered asset resolver, in hook call order (the last plugin first)."""
         return list(self._resolvers.values())
+
+    def output_store_schemes(self) -> list[str]:
+        """The URL schemes of every registered output store, sorted (``["file", "s3"]``)."""
+        return sorted(self._output_stores)
+
+    def open_output_store(self, url: str) -> OutputStore:
+        """Open the output store ``url`` names, with the factory registered for its scheme
+        (``register_output_stores``); a plain absolute path is a ``file`` store. Call it
+        once, at start-up: a factory may read configuration, synchronously.
+
+        Raises ``PluginError`` naming the URL and the installed schemes when no plugin
+        serves its scheme, or naming the plugin when its factory fails with anything but a
+        ``ComfyAPIError`` or a ``ValueError`` (which a factory raises for a URL it refuses,
+        and which pass as they are) or returns no store.
+        """
+        scheme = _scheme_of(url)
+        factory = self._output_stores.get(scheme)
+        if factory is None:
+            installed = ", ".join(self.output_store_schemes()) or "none"
+            raise PluginError(
+                f"no output store for {_shown_url(url)!r}: no plugin serves the scheme "
+                f"{scheme or '(none)'!r}; installed schemes: {installed}"
+            )
+        plugin = self._owners.get(("output store", scheme), "?")
+        try:
+            store = factory(url)
+        except (ComfyAPIError, ValueError):
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"output store {scheme!r} (plugin {plugin!r}) failed to open "
+                f"{_shown_url(url)!r}: {exc!r}"
+            ) from exc
+        missing = [m for m in _OUTPUT_STORE_METHODS if not callable(getattr(store, m, None))]
+        if missing:
+            raise PluginError(
+                f"output store {scheme!r} (plugin {plugin!r}) opened {store!r}, which lacks "
+                f"{', '.join(missing)}"
+            )
+        return store
 
     def _call(self, hook_name: str, **arguments: Any) -> Any:
         """Call a hook; an exception other than a ``ComfyAPIError`` is a ``PluginError``."""

@@ -7,9 +7,10 @@ are hooks below, made known through the ``comfytrio`` entry-point group::
     example = "comfytrio_example"
 
 Hooks are synchronous. The registry hooks take a ``register`` callback and register objects
-(``ParamType``, ``AssetResolver``) whose methods are ``async`` where they do I/O. The
-standard types and resolvers (``plugins/comfytrio_std``, entry point ``std``) use exactly
-this API. The guide with examples is ``docs/plugins.md``.
+(``ParamType``, ``AssetResolver``, an ``OutputStore`` factory per URL scheme) whose methods
+are ``async`` where they do I/O. The standard types, resolvers and stores
+(``plugins/comfytrio_std``, entry point ``std``) use exactly this API. The guide with
+examples is ``docs/plugins.md``.
 
 How a job uses them (``plan_job``):
 
@@ -50,9 +51,11 @@ __all__ = [
     "Downloader",
     "InstanceTarget",
     "JobContext",
+    "OutputStore",
     "Param",
     "ParamType",
     "Shard",
+    "StoredOutput",
     "atomic_file",
     "check_download_url",
     "check_sha256",
@@ -61,6 +64,7 @@ __all__ = [
     "hookspec",
     "infer_param_type",
     "register_asset_resolvers",
+    "register_output_stores",
     "register_param_types",
     "run_concurrently",
     "safe_join",
@@ -354,6 +358,52 @@ class BaseAssetResolver:
         """Nothing to change."""
 
 
+# --------------------------------------------------------------------------- output stores
+
+
+@attrs.frozen
+class StoredOutput:
+    """An output file kept in an ``OutputStore``, where every front end can serve it."""
+
+    key: str
+    """Its key in the store (``<job id>/<attempt>/<shard>-<node id>-<file name>``)."""
+    url: str
+    """Where a client fetches it (a ``file://`` path of a shared folder, a presigned or
+    public ``https://`` URL of an object store)."""
+    size: int
+    """Its size in bytes."""
+    content_type: str
+    """Its media type."""
+
+
+class OutputStore(Protocol):
+    """Where a worker puts the outputs of the jobs it runs, so that any front end can hand
+    them out (a shared folder, S3-compatible object storage...). Made by the factory a
+    plugin registers for a URL scheme (``register_output_stores``); open one with
+    ``Plugins.open_output_store(url)``.
+
+    A key is a relative path, ``/`` between its parts, that follows ``safe_join``'s rule (no
+    ``..``, no absolute path, no backslash, no empty part): every method refuses another
+    with a ``ValueError`` naming it, before any I/O. A failure of the storage itself is a
+    ``ComfyAPIError`` naming the store and the key."""
+
+    scheme: ClassVar[str]
+    """The URL scheme it serves (``file``, ``s3``)."""
+
+    async def put(self, key: str, path: Path, *, content_type: str) -> StoredOutput:
+        """Store the file at ``path`` under ``key`` (atomically: a reader never sees half of
+        it; a key stored again is replaced); return where it is."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The bytes under ``key``; ``KeyError`` when there are none."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing when it is not there)."""
+        ...
+
+
 # --------------------------------------------------------------------------- hooks
 
 
@@ -370,6 +420,18 @@ def register_asset_resolvers(register: Callable[[AssetResolver], None]) -> None:
     """Register asset resolvers: call ``register(resolver)`` once for each.
 
     A resolver name registered twice raises ``PluginError``.
+    """
+
+
+@hookspec
+def register_output_stores(register: Callable[[str, Callable[[str], OutputStore]], None]) -> None:
+    """Register output stores: call ``register(scheme, factory)`` once per URL scheme.
+
+    ``factory(url)`` opens the store a URL of that scheme names (``Plugins.open_output_store``
+    picks it; a plain absolute path counts as ``file``). It runs synchronously, once, when a
+    worker or front end starts: parse and check the URL there (``ValueError`` for a bad
+    one), do no network I/O. A scheme registered twice (by any plugins) raises
+    ``PluginError``.
     """
 
 

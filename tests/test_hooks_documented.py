@@ -27,6 +27,7 @@ def test_the_hooks_are_found() -> None:
         "default_params",
         "infer_param_type",
         "register_asset_resolvers",
+        "register_output_stores",
         "register_param_types",
     ]
 
