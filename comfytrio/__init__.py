@@ -15,6 +15,8 @@ from ._client import connect_comfy_client as connect_comfy_client
 from ._client import open_comfy_client as open_comfy_client
 from ._dry_run import CheckReport as CheckReport
 from ._dry_run import PlannedShard as PlannedShard
+from ._errors import BrokerError as BrokerError
+from ._errors import BrokerUnavailableError as BrokerUnavailableError
 from ._errors import ComfyAPIError as ComfyAPIError
 from ._errors import ComfyUIStartupError as ComfyUIStartupError
 from ._errors import ComfyUITimeoutError as ComfyUITimeoutError
@@ -22,6 +24,8 @@ from ._errors import DownloadError as DownloadError
 from ._errors import ExecutionError as ExecutionError
 from ._errors import ExecutionInterruptedError as ExecutionInterruptedError
 from ._errors import GPUDetectionError as GPUDetectionError
+from ._errors import IdempotencyKeyReusedError as IdempotencyKeyReusedError
+from ._errors import JobNotFoundError as JobNotFoundError
 from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import NodeInputNotFoundError as NodeInputNotFoundError
 from ._errors import NodeTitleNotFoundError as NodeTitleNotFoundError

@@ -14,6 +14,10 @@ The tree::
     │   └── NotReproducibleError       .node_id, .title, .sampler, .reason: a split that
     │                                  would not make one GPU's images (``same_images``)
     ├── PluginError                    a plugin is broken (duplicate name, bad hook)
+    ├── BrokerError                    jobs over Redis (``comfytrio.broker``)
+    │   ├── BrokerUnavailableError     .url, .reason: Redis did not answer in time
+    │   ├── JobNotFoundError           .job_id: no such job (never, or expired)
+    │   └── IdempotencyKeyReusedError  .key, .job_id: the key already named another job
     └── ServerError                    .instance, .prompt_id, .retryable: one server's error
         ├── ComfyUIStartupError        .log_tail: a ComfyUI process did not start
         │   └── PortInUseError         .port: someone else already listens there
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
     from ._types import OutputFile
 
 __all__ = [
+    "BrokerError",
+    "BrokerUnavailableError",
     "ComfyAPIError",
     "ComfyUIStartupError",
     "ComfyUITimeoutError",
@@ -50,6 +56,8 @@ __all__ = [
     "ExecutionError",
     "ExecutionInterruptedError",
     "GPUDetectionError",
+    "IdempotencyKeyReusedError",
+    "JobNotFoundError",
     "ModelNotFoundError",
     "NodeInputNotFoundError",
     "NodeTitleNotFoundError",
@@ -211,6 +219,42 @@ class NotReproducibleError(ParamError):
 
 class PluginError(ComfyAPIError):
     """A plugin is broken: a duplicate name, an unknown hook, a bad registration."""
+
+
+class BrokerError(ComfyAPIError):
+    """An error of the job broker (``comfytrio.broker``: jobs kept in Redis)."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """Redis at ``url`` did not answer for the broker's ``reconnect_timeout`` seconds
+    (every call is retried with backoff until then); ``reason`` says what the last try
+    met."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"Redis at {url} is unavailable: {reason}")
+
+
+class JobNotFoundError(BrokerError):
+    """No job ``job_id`` in the broker: never submitted, or gone after its retention."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r} in the broker (never submitted, or expired)")
+
+
+class IdempotencyKeyReusedError(BrokerError):
+    """A submit gave an idempotency ``key`` that already names another job, ``job_id``
+    (keys are single-use for their TTL: look that job up instead of submitting again)."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        self.key = key
+        self.job_id = job_id
+        super().__init__(
+            f"idempotency key {key!r} was already used for job {job_id!r}: keys are "
+            "single-use; follow that job instead of submitting again"
+        )
 
 
 class ServerError(ComfyAPIError):

@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -545,3 +545,98 @@ def model_free(batch: int = 1) -> dict[str, Any]:
     workflow: dict[str, Any] = json.loads((WORKFLOWS / "model_free.json").read_text())
     workflow["1"]["inputs"]["value"] = batch
     return workflow
+
+
+# ---------------------------------------------------------------- Redis (the job broker)
+
+
+class RedisUrl(str):
+    """The URL of a real ``redis-server`` of the test (``redis://127.0.0.1:<port>/0``),
+    with ``--appendonly yes`` in its own folder, so a restart keeps its data."""
+
+    process: subprocess.Popen[bytes] | None
+    port: int
+    folder: Path
+
+    def __new__(cls, port: int, folder: Path) -> RedisUrl:
+        url = super().__new__(cls, f"redis://127.0.0.1:{port}/0")
+        url.port = port
+        url.folder = folder
+        url.process = None
+        return url
+
+    def start(self) -> None:
+        """Start the server; wait until it answers PING (10 s at most)."""
+        import socket
+        import time
+
+        log = (self.folder / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"redis-server did not start, see {self.folder}/redis.log")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM (Redis writes its append-only file out), then wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server, stay down ``downtime`` seconds, start it again (data kept)."""
+        self.stop()
+        await trio.sleep(downtime)
+        self.start()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[RedisUrl]:
+    """A real ``redis-server`` on a free port of 127.0.0.1 (data in ``tmp_path/redis``,
+    append-only), stopped after the test; ``await redis_url.restart()`` restarts it."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("COMFYTRIO_REQUIRE_REDIS"):  # set by .ci/run, which installs it
+            pytest.fail("redis-server is not installed, and COMFYTRIO_REQUIRE_REDIS is set")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    url = RedisUrl(free_port(), folder)
+    url.start()
+    try:
+        yield url
+    finally:
+        url.stop()

@@ -28,6 +28,7 @@ from ._params import build_params, load_param_file, load_workflow, parse_lora, p
 from ._plugins import add_plugins_arguments, plugins
 from ._run import add_run_arguments, run
 from ._serve import add_serve_arguments, serve
+from ._worker import add_worker_arguments, worker
 
 __all__ = [
     "COMMANDS",
@@ -54,6 +55,12 @@ COMMANDS: list[Command] = [
         "serve the Comfy API v2 over HTTP in front of every server (or --fake N) until Ctrl-C",
         add_serve_arguments,
         serve,
+    ),
+    Command(
+        "worker",
+        "take jobs from a Redis Streams broker and run them on this box's servers until SIGTERM",
+        add_worker_arguments,
+        worker,
     ),
     Command(
         "demo",
