@@ -59,7 +59,7 @@ TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 class Served:
     """A running serve over fakes, and a client for it."""
 
-    handle: ServeHandle
+    handle: ServeHandle[JobBoard]
     fakes: list[FakeComfyUI]
     http: httpx.AsyncClient
 
@@ -129,7 +129,7 @@ async def open_served(
             for i in range(fakes)
         ]
         async with api_on_fakes(servers, tmp_path) as api:
-            handle: ServeHandle = await nursery.start(
+            handle: ServeHandle[JobBoard] = await nursery.start(
                 serve_comfy_api, api, ServeConfig(state_dir=tmp_path / "serve", port=0, **config)
             )
             async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:

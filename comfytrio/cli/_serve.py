@@ -29,35 +29,11 @@ from ._common import (
     logger,
     setup_logging,
 )
-from ._run import _add_instance_arguments, _setup_from
+from ._fleet import add_fleet_arguments, check_fleet_arguments, fleet_api
 
 __all__ = ["add_serve_arguments", "serve"]
 
 TOKEN_VARIABLE = "COMFYTRIO_SERVE_TOKEN"
-
-FAKE_MODELS = (
-    "checkpoints/juggernaut_xl.safetensors",
-    "checkpoints/v1-5-pruned-emaonly.safetensors",
-    "loras/detail_enhancer.safetensors",
-)
-"""Model files every ``--fake`` server lists: those of the example workflows."""
-
-
-def _lay_out_fake(root: Path, models: list[str]) -> None:
-    """A fake's folder with placeholder model files and ``input/example.png``, so the
-    example workflows (and one's own, with ``--fake-model``) validate and run."""
-    from ._demo import demo_picture
-
-    for name in (*FAKE_MODELS, *models):
-        folder, _, file = name.partition("/")
-        if not folder or not file or ".." in name.split("/"):
-            raise UsageError(f"--fake-model expects FOLDER/NAME, got {name!r}")
-        path = root / "models" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_bytes(b"placeholder weights of a fake model")
-    (root / "input").mkdir(parents=True, exist_ok=True)
-    (root / "input" / "example.png").write_bytes(demo_picture())
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,43 +73,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "DIR/webhook-secret)",
     )
     add_flag(group, "--print-url", "print the URL on stdout once it listens (for scripts)")
-    fake = parser.add_argument_group("try it without ComfyUI")
-    add_number(
-        fake,
-        "--fake",
-        int,
-        0,
-        "serve N bundled fake ComfyUI servers in this process instead of --comfyui/--url",
-        metavar="N",
+    broker = parser.add_argument_group(
+        "jobs on a Redis Streams broker, run by `comfytrio worker` (instead of a fleet here)"
     )
-    add_number(
-        fake,
-        "--fake-seconds-per-image",
-        float,
-        0.5,
-        "simulated GPU seconds per image of the fakes (default 0.5)",
-        metavar="S",
+    broker.add_argument(
+        "--broker", metavar="URL", help="the Redis server, e.g. redis://redis-host:6379/0"
     )
-    fake.add_argument(
-        "--fake-model",
-        action="append",
-        default=[],
-        metavar="FOLDER/NAME",
-        help="one more model file the fakes list (repeat); they already have "
-        + ", ".join(FAKE_MODELS),
+    broker.add_argument(
+        "--outputs",
+        metavar="URL",
+        help="the workers' output store (file:///shared/outputs, s3://bucket/prefix?...)",
     )
-    _add_instance_arguments(parser)
-    job = parser.add_argument_group("jobs")
-    add_path(job, "--models-path", "DIR", "models root (default PATH/models with --comfyui)")
-    add_number(
-        job, "--timeout", float, 3600.0, "seconds each shard may run (default 3600)", metavar="S"
+    broker.add_argument(
+        "--pool", default="default", help="the pool submitted jobs go to (default 'default')"
     )
-    add_path(
-        job,
-        "--download-dir",
-        "DIR",
-        "where outputs of remote servers are downloaded (default DIR/downloads of --serve-dir)",
-    )
+    broker.add_argument("--prefix", default="comfytrio", help="the broker's key prefix")
+    add_fleet_arguments(parser, "--serve-dir")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
 
 
@@ -144,40 +99,42 @@ def _bind(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def _until_signal(args: argparse.Namespace, url: str) -> None:
+    if args.print_url:
+        print(url, flush=True)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("comfytrio serve: %s, stopping", signal.Signals(signum).name)
+            return
+
+
 async def _serve(args: argparse.Namespace, config: object) -> None:
-    from ..serve import ServeConfig, serve_comfy_api
+    from ..serve import ServeConfig, serve_broker_api, serve_comfy_api
 
     assert isinstance(config, ServeConfig)
-    plugins = make_plugin_manager()
     async with trio.open_nursery() as nursery:
-        if args.fake:
-            from ..testing import serve_fake_comfyui
-
-            for i in range(args.fake):
-                root = config.state_dir / f"fake-comfyui-{i}"
-                _lay_out_fake(root, args.fake_model)
-                fake = await nursery.start(
-                    partial(
-                        serve_fake_comfyui,
-                        root,
-                        seconds_per_image=args.fake_seconds_per_image,
-                    )
+        if args.broker:
+            plugins = make_plugin_manager()
+            store = plugins.open_output_store(args.outputs)
+            handle = await nursery.start(
+                partial(
+                    serve_broker_api,
+                    args.broker,
+                    store,
+                    config,
+                    plugins=plugins,
+                    pool=args.pool,
+                    prefix=args.prefix,
                 )
-                args.url.append(fake.url)
-        if args.download_dir is None:  # outputs are moved from there into the asset store
-            args.download_dir = config.state_dir / "downloads"
-        setup = _setup_from(args, plugins)
-        api = setup.api()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            )
+            await _until_signal(args, handle.url)
+        else:
+            api = await fleet_api(args, config.state_dir, nursery)
             async with api:
                 handle = await nursery.start(serve_comfy_api, api, config)
-                if args.print_url:
-                    print(handle.url, flush=True)
                 logger.info("comfytrio serve: %s, %d server(s)", handle.url, len(api.instances))
-                async for signum in signals:
-                    logger.info("comfytrio serve: %s, stopping", signal.Signals(signum).name)
-                    break
-                nursery.cancel_scope.cancel()
+                await _until_signal(args, handle.url)
+        nursery.cancel_scope.cancel()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -197,10 +154,14 @@ def serve(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         host, port = _bind(args.bind)
-        if args.fake < 0:
-            raise UsageError(f"--fake must be 0 or more, got {args.fake}")
-        if args.fake and (args.comfyui is not None or args.url):
-            raise UsageError("--fake serves its own servers: leave out --comfyui and --url")
+        check_fleet_arguments(args)
+        if args.broker and (args.fake or args.comfyui is not None or args.url):
+            raise UsageError(
+                "--broker serves jobs that `comfytrio worker` runs: leave out --fake, "
+                "--comfyui and --url"
+            )
+        if bool(args.broker) != bool(args.outputs):
+            raise UsageError("--broker and --outputs go together")
         config = ServeConfig(
             state_dir=(args.serve_dir or Path.cwd() / "comfytrio-serve").resolve(),
             host=host,

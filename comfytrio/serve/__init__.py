@@ -11,6 +11,7 @@ The layout, top to bottom::
     _app.py      build_serve_app: the Starlette routes, auth, the error envelope, SSE
     _asset_routes.py  /api/v2/assets...: upload, dedup by blake3, content with ranges
     _board.py    JobBoard: every job from submit to expiry on one ComfyAPI
+    _broker_board.py  BrokerBoard: the same over a Redis Streams broker (``--broker``)
     _recovery.py what a restart does with the jobs a previous life left
     _submit.py   a POST /api/v2/jobs body, checked (the ``comfytrio`` object)
     _wire.py     jobs, outputs and errors as the spec writes them (pure)
@@ -31,6 +32,7 @@ from ._config import ServeConfig as ServeConfig
 from ._openapi import openapi_document as openapi_document
 from ._server import ServeHandle as ServeHandle
 from ._server import open_serve_app as open_serve_app
+from ._server import serve_broker_api as serve_broker_api
 from ._server import serve_comfy_api as serve_comfy_api
 
 __all__ = [
@@ -40,5 +42,6 @@ __all__ = [
     "build_serve_app",
     "open_serve_app",
     "openapi_document",
+    "serve_broker_api",
     "serve_comfy_api",
 ]

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -23,13 +23,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._asset_routes import asset_routes, base_url_of
-from ._board import JobBoard, JobEventItem
+from ._asset_routes import base_url_of
+from ._board import JobEventItem, Subscription
 from ._config import ServeConfig
 from ._openapi import openapi_json_route
 from ._problems import ApiProblem, error_envelope
-from ._records import AssetRecord
-from ._wire import output_json
 
 __all__ = ["build_serve_app"]
 
@@ -38,6 +36,32 @@ logger = logging.getLogger("comfytrio.serve")
 STATUSES = {"queued", "running", "succeeded", "canceling", "canceled", "failed", "expired"}
 MAX_LIMIT = 200
 _METADATA_KEY = re.compile(r"metadata\[(.+)\]")
+
+
+class Board(Protocol):
+    """What the app serves: ``JobBoard`` (jobs on a ``ComfyAPI`` in this process) or
+    ``BrokerBoard`` (jobs on a Redis Streams broker)."""
+
+    async def submit(
+        self, body: Any, *, idempotency_key: str | None, base_url: str
+    ) -> dict[str, Any]: ...
+    async def jobs(
+        self,
+        base_url: str,
+        *,
+        statuses: set[str] | None,
+        metadata: dict[str, str] | None,
+        limit: int,
+        cursor: str | None,
+    ) -> dict[str, Any]: ...
+    async def job(self, job_id: str, base_url: str) -> dict[str, Any]: ...
+    async def workflow(self, job_id: str) -> dict[str, Any]: ...
+    async def logs(self, job_id: str) -> list[str]: ...
+    async def cancel(self, job_id: str, base_url: str) -> dict[str, Any]: ...
+    async def health(self) -> dict[str, Any]: ...
+    async def subscribe(self, job_id: str) -> Subscription: ...
+    def render_event(self, item: JobEventItem, base_url: str, job_id: str) -> tuple[str, Any]: ...
+    def asset_routes(self, *, retention: float) -> list[Route]: ...
 
 
 def _problem_response(problem: ApiProblem) -> JSONResponse:
@@ -135,7 +159,7 @@ def _sse(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def build_serve_app(board: JobBoard, config: ServeConfig) -> Starlette:
+def build_serve_app(board: Board, config: ServeConfig) -> Starlette:
     """The Starlette app serving ``board`` as the Comfy API v2 (plus the assets of
     ``board.assets``, ``/api/v2/health`` and ``/api/v2/openapi.json``). It runs on trio
     (Hypercorn's trio worker) inside the nursery where ``board.run`` runs."""
@@ -168,7 +192,7 @@ def build_serve_app(board: JobBoard, config: ServeConfig) -> Starlette:
         return JSONResponse(await board.cancel(request.path_params["id"], base_url_of(request)))
 
     async def health(request: Request) -> Response:
-        return JSONResponse(board.health())
+        return JSONResponse(await board.health())
 
     async def events(request: Request) -> Response:
         job_id = request.path_params["id"]
@@ -177,10 +201,7 @@ def build_serve_app(board: JobBoard, config: ServeConfig) -> Starlette:
         snapshot, channel = subscription.snapshot, subscription.events
 
         def encode(item: JobEventItem) -> bytes:
-            name, data = item
-            if isinstance(data, AssetRecord):
-                data = output_json(data, base)
-            return _sse(name, data)
+            return _sse(*board.render_event(item, base, job_id))
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -216,7 +237,7 @@ def build_serve_app(board: JobBoard, config: ServeConfig) -> Starlette:
         Route("/api/v2/jobs/{id}/logs", get_logs, methods=["GET"]),
         Route("/api/v2/jobs/{id}/events", events, methods=["GET"]),
         Route("/api/v2/jobs/{id}/cancel", cancel, methods=["POST"]),
-        *asset_routes(board.assets, retention=config.retention),
+        *board.asset_routes(retention=config.retention),
     ]
     middleware = [Middleware(BearerAuth, token=config.token)] if config.token else []
     return Starlette(

@@ -29,7 +29,7 @@ from ._assets import HASH_PATTERN, AssetStore, check_file_path, check_hash
 from ._problems import ApiProblem, error_envelope
 from ._records import AssetRecord
 
-__all__ = ["FAR_FUTURE", "asset_json", "asset_routes", "base_url_of", "rfc3339"]
+__all__ = ["FAR_FUTURE", "asset_json", "asset_routes", "base_url_of", "parse_range", "rfc3339"]
 
 FAR_FUTURE = "9999-12-31T23:59:59Z"
 """``url_expires_at`` of an asset that never expires (its proxy-served URL never does)."""
@@ -118,7 +118,7 @@ def _form_text(form: Any, field: str, *, required: bool) -> str | None:
     return str(values[0])
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
+def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     """``(first, last)`` inclusive for a satisfiable single range; None when the header is
     to be ignored (malformed, several ranges, another unit); False when unsatisfiable."""
     match = _RANGE.fullmatch(header.strip().replace(" ", ""))
@@ -321,7 +321,7 @@ def asset_routes(
                 "Content-Disposition": _content_disposition(record),
             }
             wanted = request.headers.get("range")
-            span = _parse_range(wanted, size) if wanted is not None else None
+            span = parse_range(wanted, size) if wanted is not None else None
             if span is False:
                 await handle.aclose()
                 return JSONResponse(

@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 import trio
+from starlette.routing import Route
 
 from .. import __version__
 from .._api import ComfyAPI
@@ -31,6 +32,7 @@ from .._events import ComfyEvent
 from .._job_events import JobEvent, JobPlanned, ShardFailed, ShardFinished, ShardSubmitted
 from .._types import OutputFile, OutputValue
 from ._asset_refs import resolve_asset_refs
+from ._asset_routes import asset_routes
 from ._assets import AssetStore
 from ._outputs import OutputRegistry
 from ._problems import ApiProblem
@@ -228,7 +230,7 @@ class JobBoard:
         record, _ = await self._view(job_id)
         return list(record.logs)
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         """``GET /api/v2/health``."""
         servers = [
             {"name": i.name, "url": i.url, "state": str(i.state)} for i in self.api.instances
@@ -605,9 +607,16 @@ class JobBoard:
         if live is not None:
             await live.done.wait()
 
-    def output_json(self, asset: AssetRecord, base_url: str) -> dict[str, Any]:
-        """An ``output`` event's payload."""
-        return output_json(asset, base_url)
+    def render_event(self, item: JobEventItem, base_url: str, job_id: str) -> tuple[str, Any]:
+        """An event as the client gets it (an output asset as the v2 ``Output``)."""
+        name, data = item
+        if isinstance(data, AssetRecord):
+            return name, output_json(data, base_url)
+        return item
+
+    def asset_routes(self, *, retention: float) -> list[Route]:
+        """The ``/api/v2/assets...`` routes over this board's asset store."""
+        return asset_routes(self.assets, retention=retention)
 
 
 def _body_of(record: JobRecord) -> dict[str, Any]:
