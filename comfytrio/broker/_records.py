@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from .._api import WorkflowOptions
 from .._types import LoRARef, ModelRef
 
 __all__ = [
@@ -125,6 +126,17 @@ class BrokerJob:
     ``outputs_stored``, ``attempt``); None before any."""
     last_error: str | None
     """Why its latest attempt did not end it (a lost lease), if one did not."""
+
+    def options(self) -> WorkflowOptions:
+        """``run_workflow``'s keywords for it (but ``timeout``)."""
+        return WorkflowOptions(
+            params=self.params,
+            models=self.models,
+            loras=self.loras,
+            seed=self.seed,
+            same_images=self.same_images,
+            max_shards=self.max_shards,
+        )
 
     @property
     def terminal(self) -> bool:

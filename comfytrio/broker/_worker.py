@@ -422,12 +422,7 @@ class _Worker:
                     try:
                         result = await self.api.run_workflow(
                             job.workflow,
-                            params=job.params,
-                            models=job.models,
-                            loras=job.loras,
-                            seed=job.seed,
-                            same_images=job.same_images,
-                            max_shards=job.max_shards,
+                            **job.options(),
                             timeout=job.timeout,
                             job_id=f"{run.job_id}.{run.attempt}",
                             events=send,

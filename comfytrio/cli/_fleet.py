@@ -5,16 +5,23 @@ servers in the same process."""
 from __future__ import annotations
 
 import argparse
+import signal
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from .. import ComfyAPI, make_plugin_manager
-from ._common import UsageError, add_number, add_path
+from ._common import UsageError, add_number, add_path, logger
 from ._run import _add_instance_arguments, _setup_from
 
-__all__ = ["FAKE_MODELS", "add_fleet_arguments", "check_fleet_arguments", "fleet_api"]
+__all__ = [
+    "FAKE_MODELS",
+    "add_fleet_arguments",
+    "check_fleet_arguments",
+    "fleet_api",
+    "watch_stop_signals",
+]
 
 FAKE_MODELS = (
     "checkpoints/juggernaut_xl.safetensors",
@@ -108,3 +115,17 @@ async def fleet_api(args: argparse.Namespace, state_dir: Path, nursery: trio.Nur
     if args.download_dir is None:  # outputs are moved from there into the store
         args.download_dir = state_dir / "downloads"
     return _setup_from(args, make_plugin_manager()).api()
+
+
+async def watch_stop_signals(
+    command: str, *, task_status: trio.TaskStatus[trio.Event] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Start with ``nursery.start``: from then on SIGTERM and SIGINT set the returned event
+    (once; a long-running command then stops the way it chooses) instead of killing us."""
+    stopped = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started(stopped)
+        async for signum in signals:
+            if not stopped.is_set():
+                logger.info("comfytrio %s: %s, stopping", command, signal.Signals(signum).name)
+                stopped.set()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +28,12 @@ from ._common import (
     logger,
     setup_logging,
 )
-from ._fleet import add_fleet_arguments, check_fleet_arguments, fleet_api
+from ._fleet import (
+    add_fleet_arguments,
+    check_fleet_arguments,
+    fleet_api,
+    watch_stop_signals,
+)
 
 __all__ = ["add_serve_arguments", "serve"]
 
@@ -99,20 +103,12 @@ def _bind(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _until_signal(args: argparse.Namespace, url: str) -> None:
-    if args.print_url:
-        print(url, flush=True)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            logger.info("comfytrio serve: %s, stopping", signal.Signals(signum).name)
-            return
-
-
 async def _serve(args: argparse.Namespace, config: object) -> None:
     from ..serve import ServeConfig, serve_broker_api, serve_comfy_api
 
     assert isinstance(config, ServeConfig)
     async with trio.open_nursery() as nursery:
+        stopped = await nursery.start(watch_stop_signals, "serve")
         if args.broker:
             plugins = make_plugin_manager()
             store = plugins.open_output_store(args.outputs)
@@ -127,13 +123,17 @@ async def _serve(args: argparse.Namespace, config: object) -> None:
                     prefix=args.prefix,
                 )
             )
-            await _until_signal(args, handle.url)
+            if args.print_url:
+                print(handle.url, flush=True)
+            await stopped.wait()
         else:
             api = await fleet_api(args, config.state_dir, nursery)
             async with api:
                 handle = await nursery.start(serve_comfy_api, api, config)
                 logger.info("comfytrio serve: %s, %d server(s)", handle.url, len(api.instances))
-                await _until_signal(args, handle.url)
+                if args.print_url:
+                    print(handle.url, flush=True)
+                await stopped.wait()
         nursery.cancel_scope.cancel()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -28,10 +27,14 @@ from ._common import (
     add_number,
     add_path,
     err,
-    logger,
     setup_logging,
 )
-from ._fleet import add_fleet_arguments, check_fleet_arguments, fleet_api
+from ._fleet import (
+    add_fleet_arguments,
+    check_fleet_arguments,
+    fleet_api,
+    watch_stop_signals,
+)
 
 __all__ = ["add_worker_arguments", "worker"]
 
@@ -101,30 +104,28 @@ async def _work(args: argparse.Namespace, state: Path) -> None:
 
     store = make_plugin_manager().open_output_store(args.outputs)
     async with trio.open_nursery() as nursery:
+        stopped = await nursery.start(watch_stop_signals, "worker")
         api = await fleet_api(args, state, nursery)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with api, trio.open_nursery() as working:
-                await working.start(
-                    lambda task_status: run_worker(
-                        api,
-                        args.broker,
-                        store=store,
-                        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
-                        pools=tuple(args.pool) or ("default",),
-                        lease=args.lease,
-                        max_attempts=args.max_attempts,
-                        grace=args.grace,
-                        prefix=args.prefix,
-                        task_status=task_status,
-                    )
+        async with api, trio.open_nursery() as working:
+            await working.start(
+                lambda task_status: run_worker(
+                    api,
+                    args.broker,
+                    store=store,
+                    name=args.name or f"{socket.gethostname()}-{os.getpid()}",
+                    pools=tuple(args.pool) or ("default",),
+                    lease=args.lease,
+                    max_attempts=args.max_attempts,
+                    grace=args.grace,
+                    prefix=args.prefix,
+                    task_status=task_status,
                 )
-                if args.print_ready:
-                    print("ready", flush=True)
-                async for signum in signals:
-                    logger.info("comfytrio worker: %s, stopping", signal.Signals(signum).name)
-                    break
-                working.cancel_scope.cancel()  # run_worker hands back what it holds
-            nursery.cancel_scope.cancel()
+            )
+            if args.print_ready:
+                print("ready", flush=True)
+            await stopped.wait()
+            working.cancel_scope.cancel()  # run_worker hands back what it holds
+        nursery.cancel_scope.cancel()
 
 
 def worker(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ from ._progress import JobProgress
 from ._records import TERMINAL, AssetRecord, JobRecord, PromptRecord
 from ._recovery import recover_job
 from ._store import Store
-from ._submit import Submission, parse_submission
+from ._submit import Submission, check_idempotency_key, key_reused, parse_submission
 from ._validate import check_on_fleet
 from ._webhooks import WebhookSender
 from ._wire import job_error, job_json, output_json, status_json
@@ -302,13 +302,7 @@ class JobBoard:
     ) -> dict[str, Any]:
         """``POST /api/v2/jobs``: check the body and the workflow against the servers, claim
         the key, record the job, start it. Raises ``ApiProblem``."""
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise ApiProblem(
-                422,
-                "invalid_request",
-                "Idempotency-Key must be 1-255 characters",
-                details={"field": "Idempotency-Key"},
-            )
+        check_idempotency_key(idempotency_key)
         submission = parse_submission(body)
         workflow, params = await resolve_asset_refs(submission, self.assets)
         await check_on_fleet(self.api, submission, workflow, params)
@@ -344,12 +338,7 @@ class JobBoard:
         if idempotency_key is not None and not await self.store.claim_idempotency_key(
             idempotency_key, job_id, now, self.idempotency_ttl
         ):
-            raise ApiProblem(
-                422,
-                "idempotency_key_reuse",
-                "this Idempotency-Key was used before: keys are single-use; list or poll "
-                "your jobs instead of submitting again",
-            )
+            raise key_reused()
         record = JobRecord(
             id=job_id,
             status="queued",

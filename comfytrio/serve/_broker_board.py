@@ -43,7 +43,7 @@ from ._assets import AssetStore
 from ._board import JobEventItem, Subscription
 from ._problems import ApiProblem
 from ._records import JobRecord
-from ._submit import Submission, parse_submission
+from ._submit import Submission, check_idempotency_key, key_reused, parse_submission
 from ._wire import job_json, rfc3339, status_json
 
 __all__ = ["BrokerBoard", "output_asset_id"]
@@ -245,13 +245,7 @@ class BrokerBoard:
         self, body: Any, *, idempotency_key: str | None, base_url: str
     ) -> dict[str, Any]:
         """``POST /api/v2/jobs`` onto the broker."""
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise ApiProblem(
-                422,
-                "invalid_request",
-                "Idempotency-Key must be 1-255 characters",
-                details={"field": "Idempotency-Key"},
-            )
+        check_idempotency_key(idempotency_key)
         submission = parse_submission(body)
         workflow, params = await resolve_asset_refs(submission, self.assets)
         params = await self._shared_uploads(params, submission)
@@ -272,25 +266,15 @@ class BrokerBoard:
         try:
             job_id = await self.queue.submit(
                 workflow,
+                **submission.options(params),
                 pool=self.pool,
-                params=params,
-                models=submission.models,
-                loras=submission.loras,
-                seed=submission.seed,
-                same_images=submission.same_images,
-                max_shards=submission.max_shards,
                 timeout=submission.timeout,
                 idempotency_key=idempotency_key,
                 metadata=submission.metadata,
                 webhook_url=submission.webhook_url,
             )
         except IdempotencyKeyReusedError as exc:
-            raise ApiProblem(
-                422,
-                "idempotency_key_reuse",
-                "this Idempotency-Key was used before: keys are single-use; list or poll "
-                "your jobs instead of submitting again",
-            ) from exc
+            raise key_reused() from exc
         return self._job_json(await self.queue.get(job_id), base_url)
 
     async def _shared_uploads(

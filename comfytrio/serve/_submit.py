@@ -28,7 +28,13 @@ from .._types import LoRARef, ModelRef
 from ._problems import ApiProblem
 from ._webhooks import check_webhook_url
 
-__all__ = ["AssetUse", "Submission", "parse_submission"]
+__all__ = [
+    "AssetUse",
+    "Submission",
+    "check_idempotency_key",
+    "key_reused",
+    "parse_submission",
+]
 
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY = 64
@@ -307,4 +313,25 @@ def parse_submission(body: Any) -> Submission:
         metadata=_metadata(body.get("metadata")),
         webhook_url=webhook,
         assets=tuple(_asset_uses(workflow)),
+    )
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """Refuse (422 ``invalid_request``) an ``Idempotency-Key`` that is empty or too long."""
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiProblem(
+            422,
+            "invalid_request",
+            "Idempotency-Key must be 1-255 characters",
+            details={"field": "Idempotency-Key"},
+        )
+
+
+def key_reused() -> ApiProblem:
+    """The spec's 422 ``idempotency_key_reuse``."""
+    return ApiProblem(
+        422,
+        "idempotency_key_reuse",
+        "this Idempotency-Key was used before: keys are single-use; list or poll your jobs "
+        "instead of submitting again",
     )
