@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import socket
 import sys
@@ -101,6 +102,17 @@ def add_flag(parser: Arguments, flag: str, help: str) -> None:
 def err(message: str) -> None:
     """Write one line to stderr (the command's own messages, never results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def has_extra(what: str, extra: str, module: str) -> bool:
+    """Whether ``module`` (of the ``extra`` extra) can be imported; if not, say what to
+    install (``what`` is the command or option that needs it)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        err(f"{what} needs the {extra} extra: pip install 'comfytrio[{extra}]' ({exc})")
+        return False
+    return True
 
 
 class _ReportedByUs(logging.Filter):

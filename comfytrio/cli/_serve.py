@@ -25,6 +25,7 @@ from ._common import (
     add_number,
     add_path,
     err,
+    has_extra,
     logger,
     setup_logging,
 )
@@ -140,18 +141,15 @@ async def _serve(args: argparse.Namespace, config: object) -> None:
 def serve(args: argparse.Namespace) -> int:
     """``comfytrio serve``: serve until SIGINT or SIGTERM."""
     setup_logging(args.verbose + 1)
-    try:
-        from ..serve import ServeConfig
-        from ..serve._server import check_bind
-    except ImportError as exc:
-        err(f"comfytrio serve needs the serve extra: pip install 'comfytrio[serve]' ({exc})")
+    if not has_extra("comfytrio serve", "serve", "comfytrio.serve"):
         return EXIT_USAGE
-    if args.fake:
-        try:
-            import comfytrio.testing  # noqa: F401
-        except ImportError as exc:
-            err(f"--fake needs the testing extra: pip install 'comfytrio[testing]' ({exc})")
-            return EXIT_USAGE
+    if args.fake and not has_extra("--fake", "testing", "comfytrio.testing"):
+        return EXIT_USAGE
+    if args.broker and not has_extra("--broker", "broker", "comfytrio.broker"):
+        return EXIT_USAGE
+    from ..serve import ServeConfig
+    from ..serve._server import check_bind
+
     try:
         host, port = _bind(args.bind)
         check_fleet_arguments(args)

@@ -27,6 +27,7 @@ from ._common import (
     add_number,
     add_path,
     err,
+    has_extra,
     setup_logging,
 )
 from ._fleet import (
@@ -131,10 +132,9 @@ async def _work(args: argparse.Namespace, state: Path) -> None:
 def worker(args: argparse.Namespace) -> int:
     """``comfytrio worker``: take jobs from the broker until SIGTERM."""
     setup_logging(args.verbose + 1)
-    try:
-        import coredis  # noqa: F401
-    except ImportError as exc:
-        err(f"comfytrio worker needs the broker extra: pip install 'comfytrio[broker]' ({exc})")
+    if not has_extra("comfytrio worker", "broker", "comfytrio.broker"):
+        return EXIT_USAGE
+    if args.fake and not has_extra("--fake", "testing", "comfytrio.testing"):
         return EXIT_USAGE
     try:
         check_fleet_arguments(args)
