@@ -92,7 +92,15 @@ def add_fleet_arguments(parser: argparse.ArgumentParser, state_flag: str) -> Non
 
 
 def check_fleet_arguments(args: argparse.Namespace) -> None:
-    """``UsageError`` for a ``--fake`` that cannot be."""
+    """``UsageError`` for a ``--fake`` that cannot be (negative, beside other servers, or
+    without the testing extra)."""
+    if args.fake:
+        try:
+            import comfytrio.testing  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(
+                f"--fake needs the testing extra: pip install 'comfytrio[testing]' ({exc})"
+            ) from exc
     if args.fake < 0:
         raise UsageError(f"--fake must be 0 or more, got {args.fake}")
     if args.fake and (args.comfyui is not None or args.url):

@@ -143,8 +143,6 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(args.verbose + 1)
     if not has_extra("comfytrio serve", "serve", "comfytrio.serve"):
         return EXIT_USAGE
-    if args.fake and not has_extra("--fake", "testing", "comfytrio.testing"):
-        return EXIT_USAGE
     if args.broker and not has_extra("--broker", "broker", "comfytrio.broker"):
         return EXIT_USAGE
     from ..serve import ServeConfig

@@ -134,8 +134,6 @@ def worker(args: argparse.Namespace) -> int:
     setup_logging(args.verbose + 1)
     if not has_extra("comfytrio worker", "broker", "comfytrio.broker"):
         return EXIT_USAGE
-    if args.fake and not has_extra("--fake", "testing", "comfytrio.testing"):
-        return EXIT_USAGE
     try:
         check_fleet_arguments(args)
         if not args.broker.startswith(("redis://", "rediss://", "unix://")):
