@@ -29,6 +29,7 @@ from ._errors import JobNotFoundError as JobNotFoundError
 from ._errors import ModelNotFoundError as ModelNotFoundError
 from ._errors import NodeInputNotFoundError as NodeInputNotFoundError
 from ._errors import NodeTitleNotFoundError as NodeTitleNotFoundError
+from ._errors import NoInstanceReadyError as NoInstanceReadyError
 from ._errors import NotReproducibleError as NotReproducibleError
 from ._errors import ParamError as ParamError
 from ._errors import PluginError as PluginError

@@ -18,7 +18,7 @@ import trio
 from ._collect import OutputCollector
 from ._download import DEFAULT_DOWNLOAD_TIMEOUT
 from ._dry_run import CheckReport, check_job
-from ._errors import ComfyAPIError, unwrapped
+from ._errors import NoInstanceReadyError, unwrapped
 from ._fleet import start_all, watch_capacity
 from ._gpu import detect_gpus
 from ._http import default_ssl_context
@@ -521,10 +521,10 @@ class ComfyAPI:
         )
 
     def _ready_instances(self) -> list[Instance]:
-        """The instances ready now; ``ComfyAPIError`` when there are none."""
+        """The instances ready now; ``NoInstanceReadyError`` when there are none."""
         ready = [i for i in self.instances if i.state == InstanceState.READY]
         if not ready:
-            raise ComfyAPIError("no ComfyUI instance is ready to run the job")
+            raise NoInstanceReadyError({i.name: str(i.state) for i in self.instances})
         return ready
 
     async def _run_shard(self, instance: Instance, task: OutputTask) -> ShardOutputs:

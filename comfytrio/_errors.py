@@ -4,6 +4,7 @@ The tree::
 
     ComfyAPIError                      base of everything below
     ├── GPUDetectionError              NVML sees GPUs but CUDA does not work
+    ├── NoInstanceReadyError           .states: no server can take a job now
     ├── ModelNotFoundError             .missing: the ModelRefs not found
     ├── DownloadError                  .url, .reason (a LoRA or an image could not be fetched)
     ├── UnsafeNameError                .name, .folder (a user name would escape its folder)
@@ -59,6 +60,7 @@ __all__ = [
     "IdempotencyKeyReusedError",
     "JobNotFoundError",
     "ModelNotFoundError",
+    "NoInstanceReadyError",
     "NodeInputNotFoundError",
     "NodeTitleNotFoundError",
     "NotReproducibleError",
@@ -95,6 +97,16 @@ class ComfyAPIError(Exception):
 
 class GPUDetectionError(ComfyAPIError):
     """NVML reports GPUs, but the CUDA runtime cannot use them."""
+
+
+class NoInstanceReadyError(ComfyAPIError):
+    """No instance of the api is ready to take a job now (all starting, down or hung)."""
+
+    def __init__(self, states: Mapping[str, str]) -> None:
+        self.states = dict(states)
+        """Each instance's state, by name."""
+        listed = ", ".join(f"{name} {state}" for name, state in self.states.items())
+        super().__init__(f"no ComfyUI instance is ready to run the job ({listed or 'none'})")
 
 
 class ModelNotFoundError(ComfyAPIError):

@@ -262,6 +262,27 @@ async def test_the_job_of_a_dead_worker_is_claimed_after_its_lease(
     await survivor.stop()
 
 
+async def test_a_box_whose_servers_all_fail_hands_the_job_to_another(
+    env: Env, queue: JobQueue
+) -> None:
+    slow, server = await env.api(seconds_per_image=2.0)
+    fast, _ = await env.api()
+    broken = await env.worker(slow, "broken", lease=2.0)
+    job_id = await queue.submit(empty_to_save())
+    await until_status(queue, job_id, "running")
+    good = await env.worker(fast, "good", lease=2.0)
+    server.crash()  # the box's only ComfyUI dies: the job is not at fault
+    job = await queue.wait(job_id, timeout=30)
+    assert job.status == "succeeded", job.error
+    assert (job.worker, job.attempt) == ("good", 2)
+    assert job.last_error is not None
+    assert "on worker broken" in job.last_error
+    assert env.store.stored() == {o.key for o in job.outputs}
+    assert len(job.outputs) == 1
+    await broken.stop()
+    await good.stop()
+
+
 async def until_status(queue: JobQueue, job_id: str, status: str, timeout: float = 10) -> BrokerJob:
     with trio.fail_after(timeout):
         while True:

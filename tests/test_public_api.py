@@ -21,9 +21,11 @@ SEED_NAMES = {
 }
 
 FRONT_END_NAMES = {
-    # What a front end (``comfytrio serve``) needs of the core: events, ids, reattach.
+    # What a front end (``serve``, the broker) needs of the core: events, ids, reattach, and
+    # the error a box that cannot run a job raises.
     "JobEvent",
     "JobPlanned",
+    "NoInstanceReadyError",
     "PROMPT_NAMESPACE",
     "ShardFailed",
     "ShardFinished",

@@ -151,7 +151,7 @@ return status
 """
 
 REQUEUE = f"""
--- KEYS: job hash, events.  ARGV: attempt, token, now
+-- KEYS: job hash, events.  ARGV: attempt, token, now[, why (kept as last_error)]
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
 {_retention("ARGV[3]")}
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -162,6 +162,7 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 'stale' end
 if st == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', '', 'token', '',
     'requeue_token', ARGV[2])
+  if ARGV[4] and ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[4]) end
   {_QUEUED_EVENT}
   return 'queued'
 end

@@ -36,7 +36,13 @@ import coredis.exceptions
 import trio
 
 from .._api import ComfyAPI
-from .._errors import BrokerUnavailableError, ComfyAPIError, unwrapped
+from .._errors import (
+    BrokerUnavailableError,
+    ComfyAPIError,
+    NoInstanceReadyError,
+    ServerError,
+    unwrapped,
+)
 from .._instance import InstanceState
 from .._job_events import JobEvent, JobPlanned, ShardFailed, ShardFinished
 from .._types import JobResult
@@ -350,7 +356,8 @@ class _Worker:
         jobs.start_soon(self._job, run)
 
     async def _hand_back(self, stream: str, entry: str, delivered: int) -> None:
-        """Leave the entry to whichever worker claims next, its delivery not counted."""
+        """Leave the entry to whichever worker claims next, with ``delivered - 1``
+        deliveries counted (``run.delivered``: this delivery is not counted)."""
         client = self.conn.client
         await self.conn.call(
             lambda: client.xclaim(
@@ -450,17 +457,22 @@ class _Worker:
             logger.warning("job %s: attempt %d lost its lease; dropped", run.job_id, run.attempt)
             await self._discard(stored)
             return
-        if run.handing_back:
+        box_failure = not run.handing_back and not run.cancel_requested and _box_failure(error)
+        if run.handing_back or box_failure:
+            # Stopping: not this job's fault, not counted. A box whose servers all failed
+            # it: counted (a job that fails every box ends in the dead-letter stream).
+            why = f"on worker {self.name}: {error}" if box_failure else ""
             answer = await self.conn.script(
                 "REQUEUE",
                 [keys.job(run.job_id), keys.events(run.job_id)],
-                [run.attempt, run.token, repr(time.time())],
+                [run.attempt, run.token, repr(time.time()), why],
             )
             if answer == "queued":
-                await self._hand_back(run.stream, run.entry, run.delivered)
+                delivered = run.delivered + 1 if box_failure else run.delivered
+                await self._hand_back(run.stream, run.entry, delivered)
             elif answer == "canceled":
                 await self._ack(run)
-            logger.info("job %s: handed back (%s)", run.job_id, answer)
+            logger.info("job %s: handed back (%s) %s", run.job_id, answer, why)
             await self._discard(stored)
             return
         if run.cancel_requested:
@@ -636,6 +648,15 @@ class _Worker:
                 self.name,
             ],
         )
+
+
+def _box_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` says this box could not run the job (no server ready, or its
+    servers lost it in a way another server may not: ``ServerError.retryable``), rather
+    than that the job itself is wrong."""
+    if isinstance(error, NoInstanceReadyError):
+        return True
+    return isinstance(error, ServerError) and error.retryable
 
 
 def _default_name() -> str:
