@@ -490,50 +490,47 @@ def assert_no_duplicate_images(result: JobResult, *, one_gpu: JobResult | None =
 # ---------------------------------------------------------------- comfytrio serve
 
 
-def start_serve(state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    """``comfytrio serve`` on a free port; returns the process and its URL."""
-    log = (state.parent / f"{state.name}.log").open("a")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "comfytrio",
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--print-url",
-            "--serve-dir",
-            str(state),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    log.close()
+def start_command(log: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m comfytrio ARGS`` (stderr into ``log``); the process and the first line it
+    prints (its URL, ``ready``...), within 60 s."""
+    with log.open("a") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "comfytrio", *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     lines: queue.Queue[str] = queue.Queue()
     assert process.stdout is not None
     stdout = process.stdout
     threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
     try:
-        url = lines.get(timeout=60).strip()
+        return process, lines.get(timeout=60).strip()
     except queue.Empty:
         process.kill()
         process.wait()
-        raise AssertionError("comfytrio serve did not print its URL within 60 s") from None
-    if not url.startswith("http://127.0.0.1:"):
-        process.kill()
-        process.wait()
         stdout.close()
-        raise AssertionError(f"comfytrio serve failed: {url!r}, log in {state}.log")
+        raise AssertionError(f"comfytrio {args[0]} printed nothing in 60 s, log: {log}") from None
+
+
+def start_serve(state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """``comfytrio serve`` on a free port; returns the process and its URL."""
+    log = state.parent / f"{state.name}.log"
+    process, url = start_command(
+        log, "serve", "--bind", "127.0.0.1:0", "--print-url", "--serve-dir", str(state), *extra
+    )
+    if not url.startswith("http://127.0.0.1:"):
+        stop_serve(process, expect=None)
+        raise AssertionError(f"comfytrio serve failed: {url!r}, log in {log}")
     return process, url
 
 
-def stop_serve(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, then wait; the exit code says it stopped cleanly."""
+def stop_serve(process: subprocess.Popen[str], *, expect: int | None = 0) -> None:
+    """SIGTERM, then wait; the exit code says it stopped cleanly (``expect``; None: any)."""
     process.terminate()
     try:
-        assert process.wait(timeout=30) == 0
+        code = process.wait(timeout=30)
+        assert expect is None or code == expect
     finally:
         if process.stdout is not None:
             process.stdout.close()

@@ -1,4 +1,5 @@
-"""Comfy-Org's own client, ``comfy-sdk``, unchanged, against ``comfytrio serve --fake 2``.
+"""Comfy-Org's own client, ``comfy-sdk``, unchanged, against ``comfytrio serve --fake 2``
+(and, last, against two ``serve --broker`` front ends of one ``comfytrio worker``).
 
 ``serve`` runs as its own process, as a user starts it; the SDK finds it through
 ``COMFY_BASE_URL``, as its README says for a self-hosted deployment. These tests are
@@ -16,7 +17,7 @@ import httpx
 import pytest
 from comfy_sdk import Comfy, IdempotencyKeyReuse, JobFailed
 from comfy_sdk.events import OutputReady, Progress, StatusChange
-from conftest import model_free, start_serve, stop_serve
+from conftest import RedisUrl, model_free, start_command, start_serve, stop_serve
 from PIL import Image
 
 
@@ -116,3 +117,57 @@ def test_a_second_submit_with_the_same_idempotency_key_is_refused(
     listed = list(client.list_jobs(metadata={"client": "acme"}))
     assert [j.id for j in listed] == [first.id]
     assert first.metadata == {"client": "acme"}
+
+
+@pytest.fixture
+def two_front_ends(tmp_path: Path, redis_url: RedisUrl) -> Iterator[tuple[str, str]]:
+    """``comfytrio worker --fake 2`` and two ``comfytrio serve --broker`` front ends over one
+    Redis and one output folder: their URLs."""
+    outputs = (tmp_path / "outputs").as_uri()
+    worker, ready = start_command(
+        tmp_path / "worker.log",
+        "worker",
+        *("--broker", redis_url, "--outputs", outputs, "--print-ready"),
+        *("--fake", "2", "--fake-seconds-per-image", "0.5", "--worker-dir", str(tmp_path / "w")),
+    )
+    started = [worker]
+    try:
+        assert ready == "ready", (tmp_path / "worker.log").read_text()
+        urls = []
+        for name in ("front-a", "front-b"):
+            front, url = start_serve(tmp_path / name, "--broker", redis_url, "--outputs", outputs)
+            started.append(front)
+            urls.append(url)
+        yield urls[0], urls[1]
+    finally:
+        for process in reversed(started):
+            stop_serve(process)
+
+
+def test_the_official_client_over_two_stateless_front_ends(
+    two_front_ends: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two_front_ends
+    monkeypatch.delenv("COMFY_API_KEY", raising=False)
+    monkeypatch.setenv("COMFY_BASE_URL", first)
+    with Comfy() as one:
+        wf = one.workflows.from_json(model_free(batch=2))
+        wf.set_input("5", "image", one.assets.from_bytes(picture(), filename="p.png"))
+        submitted = one.submit(wf, idempotency_key="order-77")
+        slow = one.submit(one.workflows.from_json(model_free(batch=12)))
+    monkeypatch.setenv("COMFY_BASE_URL", second)
+    with Comfy() as other:
+        job = other.jobs.get(submitted.id).result()  # followed through the other front end
+        assert len(job.get_outputs("4")) == 2
+        (inverted,) = job.get_outputs("7")
+        pixels = Image.open(io.BytesIO(inverted.to_bytes())).convert("RGB")
+        assert pixels.getpixel((0, 0)) == (245, 55, 225)
+        with pytest.raises(IdempotencyKeyReuse):
+            other.submit(other.workflows.from_json(model_free()), idempotency_key="order-77")
+        running = other.jobs.get(slow.id)
+        deadline = time.monotonic() + 30
+        while running.refresh().status != "running":
+            assert time.monotonic() < deadline, f"still {running.status}"
+            time.sleep(0.05)
+        running.cancel()
+        assert running.wait(timeout=30).status == "canceled"
