@@ -131,6 +131,11 @@ async def test_a_job_submitted_to_one_front_end_is_served_by_another(
         assert [j["id"] for j in listed["jobs"]] == [job_id]
         workflow = (await fleet.other.get(f"/api/v2/jobs/{job_id}/workflow")).json()
         assert workflow == {"workflow": model_free(), "format": "api"}
+        hooked = await fleet.other.post(
+            "/api/v2/jobs", json={"workflow": model_free(), "webhook_url": "http://x.example/h"}
+        )
+        assert hooked.status_code == 422
+        assert hooked.json()["error"]["details"] == {"field": "webhook_url"}
         health = (await fleet.other.get("/api/v2/health")).json()
         assert health["status"] == "ok"
         assert [s["name"] for s in health["servers"]] == ["box-1"]

@@ -247,6 +247,14 @@ class BrokerBoard:
         """``POST /api/v2/jobs`` onto the broker."""
         check_idempotency_key(idempotency_key)
         submission = parse_submission(body)
+        if submission.webhook_url is not None:
+            # Why refused: no one process sees every job end here; a silent drop would be worse.
+            raise ApiProblem(
+                422,
+                "invalid_request",
+                "webhook_url: serve --broker sends no webhooks yet; follow the job's events",
+                details={"field": "webhook_url"},
+            )
         workflow, params = await resolve_asset_refs(submission, self.assets)
         params = await self._shared_uploads(params, submission)
         try:
@@ -271,7 +279,6 @@ class BrokerBoard:
                 timeout=submission.timeout,
                 idempotency_key=idempotency_key,
                 metadata=submission.metadata,
-                webhook_url=submission.webhook_url,
             )
         except IdempotencyKeyReusedError as exc:
             raise key_reused() from exc
