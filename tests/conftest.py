@@ -536,6 +536,21 @@ def stop_serve(process: subprocess.Popen[str], *, expect: int | None = 0) -> Non
             process.stdout.close()
 
 
+def split_batch(batch: int) -> dict[str, Any]:
+    """The ``comfytrio`` object of a v2 job that splits model_free.json's batch of ``batch``
+    over every server (``gpu_scale`` on ``API - BATCH SIZE``)."""
+    return {
+        "params": {
+            "batch": {
+                "type": "integer",
+                "value": batch,
+                "gpu_scale": True,
+                "node_mappings": "API - BATCH SIZE",
+            }
+        }
+    }
+
+
 def model_free(batch: int = 1) -> dict[str, Any]:
     """The example model-free workflow: an EmptyImage batch saved, and the LoadImage
     picture ("5") inverted ("6") and saved ("7")."""

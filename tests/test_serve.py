@@ -18,7 +18,15 @@ import attrs
 import httpx
 import pytest
 import trio
-from conftest import api_on_fakes, image_pixels, model_free, png_bytes, sampler_workflow, until
+from conftest import (
+    api_on_fakes,
+    image_pixels,
+    model_free,
+    png_bytes,
+    sampler_workflow,
+    split_batch,
+    until,
+)
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from standardwebhooks import Webhook
@@ -42,16 +50,6 @@ from comfytrio.serve._store import open_store
 from comfytrio.serve._wire import rfc3339
 from comfytrio.testing import FakeComfyUI, serve_fake_comfyui
 
-BATCH = {
-    "params": {
-        "batch": {
-            "type": "integer",
-            "value": 4,
-            "gpu_scale": True,
-            "node_mappings": "API - BATCH SIZE",
-        }
-    }
-}
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
 
@@ -147,7 +145,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
 
 
 async def test_a_gpu_scale_batch_is_split_over_both_servers(served: Served) -> None:
-    job = await served.run({"workflow": model_free(), "comfytrio": BATCH})
+    job = await served.run({"workflow": model_free(), "comfytrio": split_batch(4)})
     assert job["status"] == "succeeded", job
     assert job["comfytrio"]["shard_count"] == 2
     assert {s["instance"] for s in job["comfytrio"]["shards"]} == {
@@ -517,7 +515,7 @@ SCHEMA_OF_EVENT = {
 
 async def test_events_follow_a_job_to_its_end(tmp_path: Path) -> None:
     async with open_served(tmp_path, seconds_per_image=0.3, progress_interval=0.0) as served:
-        answer = await served.submit({"workflow": model_free(), "comfytrio": BATCH})
+        answer = await served.submit({"workflow": model_free(), "comfytrio": split_batch(4)})
         job_id = answer.json()["id"]
         events = await read_events(served, job_id)
         job = await served.job(job_id)
@@ -542,7 +540,7 @@ async def test_events_follow_a_job_to_its_end(tmp_path: Path) -> None:
 
 async def test_workflow_logs_health_and_openapi(served: Served) -> None:
     workflow = model_free()
-    job = await served.run({"workflow": workflow, "comfytrio": BATCH})
+    job = await served.run({"workflow": workflow, "comfytrio": split_batch(4)})
     answer = await served.http.get(f"/api/v2/jobs/{job['id']}/workflow")
     assert answer.status_code == 200
     assert checked("JobWorkflowResponse", answer.json()) == {"workflow": workflow, "format": "api"}
@@ -562,7 +560,7 @@ async def test_workflow_logs_health_and_openapi(served: Served) -> None:
 
 async def test_a_failed_shard_fails_the_job_and_keeps_the_others_outputs(served: Served) -> None:
     served.fakes[1].fail_node("EmptyImage", message="out of ink")  # a node of every shard
-    job = await served.run({"workflow": model_free(), "comfytrio": BATCH})
+    job = await served.run({"workflow": model_free(), "comfytrio": split_batch(4)})
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "shard_failed"
     assert "out of ink" in job["error"]["message"]

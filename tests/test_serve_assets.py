@@ -19,11 +19,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from comfytrio.serve._asset_routes import asset_json, asset_routes, base_url_of, rfc3339
+from comfytrio.serve._asset_routes import asset_json, asset_routes, base_url_of
 from comfytrio.serve._assets import AssetStore
 from comfytrio.serve._problems import ApiProblem
 from comfytrio.serve._records import AssetRecord, JobRecord
 from comfytrio.serve._store import Store, open_store
+from comfytrio.serve._wire import rfc3339
 
 NOW = 1_800_000_000.0
 RETENTION = 3600.0

@@ -18,7 +18,7 @@ import attrs
 import httpx
 import trio
 from comfytrio_std import FolderStore
-from conftest import RedisUrl, api_on_fakes, empty_to_save, model_free, png_bytes
+from conftest import RedisUrl, api_on_fakes, empty_to_save, model_free, png_bytes, split_batch
 from PIL import Image
 
 from comfytrio import make_plugin_manager
@@ -81,26 +81,13 @@ async def open_fleet(
         nursery.cancel_scope.cancel()
 
 
-def split(batch: int) -> dict[str, Any]:
-    return {
-        "params": {
-            "batch": {
-                "type": "integer",
-                "value": batch,
-                "gpu_scale": True,
-                "node_mappings": "API - BATCH SIZE",
-            }
-        }
-    }
-
-
 async def test_a_job_submitted_to_one_front_end_is_served_by_another(
     tmp_path: Path, redis_url: RedisUrl, fake_comfyui_factory: Any
 ) -> None:
     async with open_fleet(tmp_path, redis_url, fake_comfyui_factory) as fleet:
         answer = await fleet.front.post(
             "/api/v2/jobs",
-            json={"workflow": model_free(), "comfytrio": split(4), "metadata": {"c": "acme"}},
+            json={"workflow": model_free(), "comfytrio": split_batch(4), "metadata": {"c": "acme"}},
             headers={"Idempotency-Key": "k-1"},
         )
         assert answer.status_code == 201, answer.text

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import model_free, start_serve, stop_serve
+from conftest import model_free, split_batch, start_serve, stop_serve
 
 
 def wait_status(url: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict[str, Any]:
@@ -36,19 +36,7 @@ def wait_status(url: str, job_id: str, wanted: set[str], timeout: float = 60) ->
 
 
 def submit(url: str, batch: int, key: str) -> dict[str, Any]:
-    body = {
-        "workflow": model_free(),
-        "comfytrio": {
-            "params": {
-                "batch": {
-                    "type": "integer",
-                    "value": batch,
-                    "gpu_scale": True,
-                    "node_mappings": "API - BATCH SIZE",
-                }
-            }
-        },
-    }
+    body = {"workflow": model_free(), "comfytrio": split_batch(batch)}
     answer = httpx.post(f"{url}/api/v2/jobs", json=body, headers={"Idempotency-Key": key})
     assert answer.status_code == 201, answer.text
     job: dict[str, Any] = answer.json()

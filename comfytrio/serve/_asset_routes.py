@@ -14,7 +14,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -28,11 +27,9 @@ from starlette.types import Message
 from ._assets import HASH_PATTERN, AssetStore, check_file_path, check_hash
 from ._problems import ApiProblem, error_envelope
 from ._records import AssetRecord
+from ._wire import FAR_FUTURE, rfc3339
 
-__all__ = ["FAR_FUTURE", "asset_json", "asset_routes", "base_url_of", "parse_range", "rfc3339"]
-
-FAR_FUTURE = "9999-12-31T23:59:59Z"
-"""``url_expires_at`` of an asset that never expires (its proxy-served URL never does)."""
+__all__ = ["asset_json", "asset_routes", "base_url_of", "parse_range"]
 
 MIN_EXPIRES_IN = 60
 """Least ``expires_in`` the spec allows (seconds)."""
@@ -54,11 +51,6 @@ _READ_CHUNK = 256 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def rfc3339(seconds: float) -> str:
-    """``seconds`` (Unix time) as an RFC 3339 UTC string, ``2026-11-28T09:50:00Z``."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def asset_json(
     record: AssetRecord, base_url: str, *, created_new: bool | None = None
 ) -> dict[str, Any]:
@@ -76,7 +68,7 @@ def asset_json(
         body["created_new"] = created_new
     body["created_at"] = rfc3339(record.created_at)
     body["url"] = f"{base_url}/api/v2/assets/{urllib.parse.quote(record.id, safe='')}/content"
-    body["url_expires_at"] = FAR_FUTURE if record.expires_at is None else rfc3339(record.expires_at)
+    body["url_expires_at"] = rfc3339(record.expires_at or FAR_FUTURE)  # the URL is ours
     body["expires_at"] = None if record.expires_at is None else rfc3339(record.expires_at)
     if record.job_id is not None:
         body["job_id"] = record.job_id

@@ -43,7 +43,7 @@ from ._store import Store
 from ._submit import Submission, check_idempotency_key, key_reused, parse_submission
 from ._validate import check_on_fleet
 from ._webhooks import WebhookSender
-from ._wire import job_error, job_json, output_json, status_json
+from ._wire import job_error, job_json, output_json, rfc3339, status_json
 
 __all__ = ["JobBoard", "JobEventItem", "Subscription"]
 
@@ -293,8 +293,7 @@ class JobBoard:
             )
 
     async def _log(self, live: LiveJob, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
-        logs = (*live.record.logs, f"{stamp} {line}")[-MAX_LOG_LINES:]
+        logs = (*live.record.logs, f"{rfc3339(self.clock())} {line}")[-MAX_LOG_LINES:]
         await self._save(live, logs=logs)
 
     async def submit(
@@ -576,7 +575,7 @@ class JobBoard:
 
     async def _sweep(self) -> None:
         """Expire jobs past their retention and remove their outputs; remove expired
-        uploads."""
+        uploads and idempotency keys."""
         while True:
             now = self.clock()
             for record in await self.store.expired_jobs(now):
@@ -588,13 +587,8 @@ class JobBoard:
                         await self.assets.delete(asset.id)
                 logger.info("job %s: expired", record.id)
             await self.assets.sweep(now)
+            await self.store.forget_idempotency_keys(now)  # else the table only grows
             await trio.sleep(self.sweep_interval)
-
-    async def wait_job(self, job_id: str) -> None:
-        """Wait until the job is terminal (returns at once for a job not running here)."""
-        live = self._live.get(job_id)
-        if live is not None:
-            await live.done.wait()
 
     def render_event(self, item: JobEventItem, base_url: str, job_id: str) -> tuple[str, Any]:
         """An event as the client gets it (an output asset as the v2 ``Output``)."""

@@ -21,7 +21,7 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -44,7 +44,7 @@ from ._board import JobEventItem, Subscription
 from ._problems import ApiProblem
 from ._records import JobRecord
 from ._submit import Submission, check_idempotency_key, key_reused, parse_submission
-from ._wire import job_json, rfc3339, status_json
+from ._wire import FAR_FUTURE, job_json, rfc3339, status_json
 
 __all__ = ["BrokerBoard", "output_asset_id"]
 
@@ -83,18 +83,21 @@ def _output_json(output: BrokerOutput, job: BrokerJob, base_url: str) -> dict[st
         "id": output_asset_id(output.key),
         "hash": None,
         "url": f"{base_url}/api/v2/assets/{output_asset_id(output.key)}/content",
-        "url_expires_at": rfc3339(job.expires_at or 253402300799.0),
+        "url_expires_at": rfc3339(job.expires_at or FAR_FUTURE),
         "job_id": job.id,
     }
 
 
-def _progress(job: BrokerJob) -> dict[str, Any] | None:
-    """The broker's shard-level progress as a v2 ``Progress`` (nodes: shards)."""
-    if job.progress is None:
+def _progress(
+    progress: Mapping[str, Any] | None, *, succeeded: bool = False
+) -> dict[str, Any] | None:
+    """The broker's shard-level progress (``BrokerJob.progress``, or a ``progress``
+    event's data) as a v2 ``Progress`` (nodes: shards)."""
+    if progress is None:
         return None
-    total = int(job.progress.get("shard_count") or 1)
-    done = min(total, int(job.progress.get("shards_finished") or 0))
-    if job.status == "succeeded":
+    total = int(progress.get("shard_count") or 1)
+    done = min(total, int(progress.get("shards_finished") or 0))
+    if succeeded:
         done = total
     return {
         "value": round(done / max(1, total), 4),
@@ -121,7 +124,7 @@ def _record(job: BrokerJob) -> JobRecord:
         metadata={str(k): str(v) for k, v in job.metadata.items()},
         webhook_url=job.webhook_url,
         idempotency_key=job.idempotency_key,
-        progress=_progress(job),
+        progress=_progress(job.progress, succeeded=job.status == "succeeded"),
         error=dict(job.error) if job.error is not None else None,
         shard_count=int(job.progress["shard_count"]) if job.progress else None,
     )
@@ -229,16 +232,17 @@ class BrokerBoard:
 
     async def health(self) -> dict[str, Any]:
         """``GET /api/v2/health``: the workers the broker knows (their heartbeats)."""
+        known = await self.queue.workers()
         workers = [
             {"name": w.name, "url": f"worker:{w.name}", "state": "ready" if w.capacity else "busy"}
-            for w in await self.queue.workers()
+            for w in known
         ]
         return {
             "status": "ok" if workers else "degraded",
             "version": __version__,
             "servers": workers,
             "queued": await self.queue.pending(self.pool),
-            "running": sum(1 for w in await self.queue.workers() if w.busy),
+            "running": sum(w.busy for w in known),
         }
 
     async def submit(
@@ -306,7 +310,7 @@ class BrokerBoard:
         """The job's snapshot and what comes next, from its event stream in Redis."""
         job = await self._get(job_id)
         snapshot: list[JobEventItem] = [("status", status_json(_record(job), None))]
-        progress = _progress(job)
+        progress = _progress(job.progress, succeeded=job.status == "succeeded")
         if progress is not None:
             snapshot.append(("progress", progress))
         if job.terminal or self._nursery is None:
@@ -322,8 +326,7 @@ class BrokerBoard:
                     elif update.kind == "output":
                         item = ("output_json", dict(update.data))
                     elif update.kind == "progress":
-                        fresh = await self.queue.get(job_id)
-                        item = ("progress", _progress(fresh))
+                        item = ("progress", _progress(update.data))
                     else:
                         continue
                     try:

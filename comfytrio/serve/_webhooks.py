@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import secrets
+import time
 import uuid
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -35,6 +36,7 @@ import trio
 from standardwebhooks import Webhook
 
 from .._files import atomic_file
+from ._wire import rfc3339
 
 __all__ = [
     "MAX_BACKOFF",
@@ -157,10 +159,6 @@ class _Message:
     payload: str
 
 
-def _rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _retry_after(value: str | None) -> float | None:
     """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
     if value is None:
@@ -237,7 +235,7 @@ class WebhookSender:
         try:
             check_webhook_url(target)
             payload = json.dumps(
-                {"type": event_type, "timestamp": _rfc3339_now(), "data": data},
+                {"type": event_type, "timestamp": rfc3339(time.time()), "data": data},
                 ensure_ascii=False,
                 separators=(",", ":"),
                 allow_nan=False,

@@ -24,7 +24,15 @@ from .._errors import (
 )
 from ._records import AssetRecord, JobRecord
 
-__all__ = ["job_error", "job_json", "output_json", "output_kind", "rfc3339", "status_json"]
+__all__ = [
+    "FAR_FUTURE",
+    "job_error",
+    "job_json",
+    "output_json",
+    "output_kind",
+    "rfc3339",
+    "status_json",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
@@ -34,8 +42,9 @@ FAR_FUTURE = 253402300799.0
 
 
 def rfc3339(when: float) -> str:
-    """Unix seconds as ``2026-11-28T09:50:00.123456Z``."""
-    return datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+    """Unix seconds as ``2026-11-28T09:50:00Z`` (whole seconds, UTC): every time serve writes
+    (jobs, assets, outputs, webhooks, log lines)."""
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _maybe_time(when: float | None) -> str | None:
